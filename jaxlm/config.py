@@ -1,0 +1,153 @@
+"""Config validation and the few values derived from a config.
+
+The values live in `configs/base.py`; this module says what each key may hold, checks a config once,
+before any work, and turns the `auto` settings into concrete choices.
+"""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and what to do."""
+
+
+def _positive(v):
+  return v > 0 or "must be > 0"
+
+
+def _non_negative(v):
+  return v >= 0 or "must be >= 0"
+
+
+def _one_of(*choices):
+  return lambda v: v in choices or f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _fraction(v):
+  return 0 <= v < 1 or "must be in [0, 1)"
+
+
+_ANY = lambda v: True  # noqa: E731
+
+# key -> (type, check). A check returns True or the reason the value is wrong.
+SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "workdir": (str, lambda v: bool(v) or "must name a directory"),
+    "device": (str, _one_of("auto", "cpu", "gpu", "cuda", "tpu")),
+    "data.dataset_name": (str, _ANY),
+    "data.dataset_config": (str, _ANY),
+    "data.data_dir": (str, _ANY),
+    "data.raw_dir": (str, lambda v: bool(v) or "must name a directory"),
+    "data.processed_dir": (str, lambda v: bool(v) or "must name a directory"),
+    "data.seq_length": (int, lambda v: v >= 2 or "must be >= 2 (one input and one target token)"),
+    "data.tokenizer.vocab_size": (int, lambda v: v >= 258 or "must be >= 258 (256 bytes + specials)"),
+    "data.tokenizer.file": (str, _ANY),
+    "data.tokenizer.pretrained": (str, _ANY),
+    "model.d_model": (int, _positive),
+    "model.num_layers": (int, _positive),
+    "model.num_heads": (int, _positive),
+    "model.d_ff": (int, _positive),
+    "model.dropout": (float, _fraction),
+    "model.max_seq_length": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for data.seq_length"),
+    "model.tie_embeddings": (bool, _ANY),
+    "model.init_std": (float, _positive),
+    "model.scaled_residual_init": (bool, _ANY),
+    "model.layer_norm_eps": (float, _positive),
+    "model.dtype": (str, _one_of("auto", "float32", "bfloat16")),
+    "model.param_dtype": (str, _one_of("float32", "bfloat16")),
+    "model.attention": (str, _one_of("auto", "xla", "cudnn")),
+    "training.epochs": (int, _positive),
+    "training.batch_size": (int, _positive),
+    "training.eval_batch_size": (int, _positive),
+    "training.learning_rate": (float, _non_negative),
+    "training.min_learning_rate": (float, _non_negative),
+    "training.warmup_steps": (int, _non_negative),
+    "training.num_steps": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 to derive it from the data"),
+    "training.weight_decay": (float, _non_negative),
+    "training.decay_all_params": (bool, _ANY),
+    "training.clip_norm": (float, _positive),
+    "training.b1": (float, _fraction),
+    "training.b2": (float, _fraction),
+    "training.eps": (float, _positive),
+    "training.patience": (int, _positive),
+    "training.seed": (int, _non_negative),
+    "training.log_every_steps": (int, _positive),
+}
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError, naming the key, for the first value that cannot work."""
+  flat = _flatten(config)
+  for key in flat:
+    if key not in SCHEMA:
+      raise ConfigError(f"config key '{key}' is unknown (a typo? see configs/base.py for the keys)")
+  for key, (kind, check) in SCHEMA.items():
+    if key not in flat:
+      raise ConfigError(f"config key '{key}' is missing (start from configs/base.py)")
+    value = flat[key]
+    # bool is an int subclass, and an int is a fine float: accept exactly what the key means.
+    type_ok = (isinstance(value, bool) if kind is bool else
+               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+               isinstance(value, kind) and not isinstance(value, bool))
+    if not type_ok:
+      raise ConfigError(f"config key '{key}' = {value!r} must be of type {kind.__name__}")
+    verdict = check(value)
+    if verdict is not True:
+      raise ConfigError(f"config key '{key}' = {value!r} {verdict}")
+
+  m, t, tok = config.model, config.training, config.data.tokenizer
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"config key 'model.d_model' = {m.d_model} must be divisible by "
+                      f"'model.num_heads' = {m.num_heads}")
+  if m.max_seq_length != -1 and config.data.seq_length > m.max_seq_length:
+    raise ConfigError(f"config key 'data.seq_length' = {config.data.seq_length} exceeds the model's "
+                      f"positions 'model.max_seq_length' = {m.max_seq_length}")
+  if t.num_steps != -1 and t.warmup_steps >= t.num_steps:
+    raise ConfigError(f"config key 'training.warmup_steps' = {t.warmup_steps} must be below "
+                      f"'training.num_steps' = {t.num_steps}")
+  if t.min_learning_rate > t.learning_rate:
+    raise ConfigError(f"config key 'training.min_learning_rate' = {t.min_learning_rate} must not exceed "
+                      f"'training.learning_rate' = {t.learning_rate}")
+  if tok.file and tok.pretrained:
+    raise ConfigError("config keys 'data.tokenizer.file' and 'data.tokenizer.pretrained' are both set: "
+                      "choose one (or neither, to train a BPE of 'data.tokenizer.vocab_size')")
+  if not config.data.data_dir and not (config.data.dataset_name and config.data.dataset_config):
+    raise ConfigError("config key 'data.data_dir' is empty and so is 'data.dataset_name' or "
+                      "'data.dataset_config': name a hub dataset or a local directory")
+
+
+def max_seq_length(config: ml_collections.ConfigDict) -> int:
+  """Positions the model has embeddings for."""
+  m = config.model.max_seq_length
+  return config.data.seq_length if m == -1 else m
+
+
+def select_device(config: ml_collections.ConfigDict) -> jax.Device:
+  """The device config.device names; `auto` is JAX's default (GPU or TPU when present)."""
+  platform = {"auto": None, "cuda": "gpu"}.get(config.device, config.device)
+  try:
+    return jax.devices(platform)[0]
+  except RuntimeError as e:
+    available = sorted({d.platform for d in jax.devices()})
+    raise ConfigError(
+        f"config key 'device' = {config.device!r}, but JAX has no {platform} backend here "
+        f"(available: {', '.join(available)}). Set --config.device=auto, or install a JAX build "
+        f"for it (e.g. pip install -U 'jax[cuda12]' for NVIDIA GPUs). ({e})") from None
+
+
+def compute_dtype(config: ml_collections.ConfigDict, device: jax.Device) -> jnp.dtype:
+  if config.model.dtype == "auto":
+    return jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+  return jnp.dtype(config.model.dtype)

@@ -1,0 +1,332 @@
+"""WikiText-2 (or any text corpus) to cached token arrays, and the batches a run reads from them.
+
+Pipeline: source rows (Hugging Face hub, or local .txt/.raw/.parquet files, both read through
+`datasets`) -> tokenizer (a byte-level BPE trained on the train split, a tokenizer.json, or a
+pretrained one) -> one flat token array per split, saved as .npy under
+`<processed_dir>/<name>-<fingerprint>/` with tokenizer.json and meta.json. The fingerprint covers
+the source's content and the tokenizer settings, so a changed input makes a new cache, never a
+stale hit; the folder appears by one atomic rename, so a crash never leaves a half-written cache.
+Later runs memory-map the arrays and do no other work.
+
+Rows follow the WikiText raw layout: one row per line, a blank row written as a single space. The
+hub's rows ("" for blank, others ending in "\n") are mapped to it, so all sources give the same
+tokens. A split's text is its rows joined by "\n"; each row is tokenized with its "\n" (batch API),
+which for a tokenizer trained without newlines equals tokenizing the whole text at once.
+
+Run ahead of training: python -m jaxlm.data --config=configs/base.py
+"""
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+# Local file names per split, in order of preference (WikiText raw names included).
+TEXT_FILES = {
+    "train": ("train.txt", "wiki.train.raw"),
+    "validation": ("validation.txt", "valid.txt", "wiki.valid.raw"),
+    "test": ("test.txt", "wiki.test.raw"),
+}
+PARQUET_PREFIXES = {"train": ("train",), "validation": ("validation", "valid"), "test": ("test",)}
+SPECIAL_TOKENS = ["<|endoftext|>"]
+CACHE_FORMAT = 1  # bump when the cache layout or tokenization changes
+
+
+class DataError(RuntimeError):
+  """A data source or cache that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+  tokens: dict[str, np.ndarray]  # split -> flat token ids, memory-mapped
+  token_bytes: np.ndarray  # [vocab] UTF-8 bytes of text each token id stands for
+  vocab_size: int
+  path: str  # the cache folder
+  meta: dict
+
+  def tokenizer(self):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(os.path.join(self.path, "tokenizer.json"))
+
+
+# ------------------------------------------------------------------------------------------- sources
+def _find_local_files(data_dir: str) -> tuple[str, dict[str, str]]:
+  """('text' | 'parquet', {split: path}) of the files in data_dir."""
+  if not os.path.isdir(data_dir):
+    raise DataError(f"data.data_dir '{data_dir}' is not a directory. Point --config.data.data_dir at "
+                    "a folder holding train/validation/test text or parquet files.")
+  text = {}
+  for split, names in TEXT_FILES.items():
+    found = [os.path.join(data_dir, n) for n in names if os.path.isfile(os.path.join(data_dir, n))]
+    if found:
+      text[split] = found[0]
+  if len(text) == len(SPLITS):
+    return "text", text
+  parquet = {}
+  for split, prefixes in PARQUET_PREFIXES.items():
+    found = sorted(f for p in prefixes for f in glob.glob(os.path.join(data_dir, f"{p}*.parquet")))
+    if found:
+      parquet[split] = found[0]
+  if len(parquet) == len(SPLITS):
+    return "parquet", parquet
+  wanted = "; ".join(f"{s}: {' or '.join(TEXT_FILES[s])} or {PARQUET_PREFIXES[s][0]}*.parquet" for s in SPLITS)
+  raise DataError(f"data.data_dir '{data_dir}' lacks some splits (found {sorted(set(text) | set(parquet))}). "
+                  f"Expected one file per split: {wanted}.")
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _source_spec(config: ml_collections.ConfigDict) -> dict:
+  """What identifies the source: the local files' contents, or the hub dataset's name."""
+  d = config.data
+  if d.data_dir:
+    fmt, files = _find_local_files(d.data_dir)
+    return {"kind": fmt, "files": {s: {"name": os.path.basename(p), "sha256": _file_sha256(p)}
+                                   for s, p in files.items()}, "dir": os.path.abspath(d.data_dir)}
+  return {"kind": "hub", "name": d.dataset_name, "config": d.dataset_config}
+
+
+def _tokenizer_spec(config: ml_collections.ConfigDict) -> dict:
+  tok = config.data.tokenizer
+  if tok.file:
+    if not os.path.isfile(tok.file):
+      raise DataError(f"data.tokenizer.file '{tok.file}' does not exist. Give the path of a "
+                      "tokenizers JSON file, or leave it empty to train a BPE on the train split.")
+    return {"kind": "file", "sha256": _file_sha256(tok.file)}
+  if tok.pretrained:
+    return {"kind": "pretrained", "name": tok.pretrained}
+  return {"kind": "bpe", "vocab_size": tok.vocab_size, "special_tokens": SPECIAL_TOKENS}
+
+
+def _load_rows(config: ml_collections.ConfigDict, source: dict) -> dict[str, list[str]]:
+  """{split: rows in the WikiText raw layout}, read through `datasets`."""
+  import datasets  # heavy, and absent where only prepared data is used (e.g. a GPU machine)
+  datasets.disable_progress_bars()
+  d = config.data
+  if source["kind"] == "hub":
+    try:
+      dsd = datasets.load_dataset(d.dataset_name, d.dataset_config, cache_dir=d.raw_dir)
+    except Exception as e:  # offline, unknown name, ...: datasets raises many types
+      raise DataError(
+          f"could not load '{d.dataset_name}/{d.dataset_config}' from the Hugging Face hub "
+          f"({type(e).__name__}: {str(e)[:200]}). Offline? Put the three splits in a folder "
+          f"(train.txt, validation.txt, test.txt; or wiki.*.raw, or the hub's parquet files) and "
+          f"pass --config.data.data_dir=FOLDER.") from None
+    missing = [s for s in SPLITS if s not in dsd]
+    if missing:
+      raise DataError(f"hub dataset '{d.dataset_name}/{d.dataset_config}' has no split(s) {missing}")
+    return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in SPLITS}
+  files = {s: os.path.join(d.data_dir, source["files"][s]["name"]) for s in SPLITS}
+  if source["kind"] == "text":
+    dsd = datasets.load_dataset("text", data_files=files, cache_dir=d.raw_dir, keep_linebreaks=False)
+    return {s: list(dsd[s]["text"]) for s in SPLITS}
+  dsd = datasets.load_dataset("parquet", data_files=files, cache_dir=d.raw_dir)
+  for s in SPLITS:
+    if "text" not in dsd[s].column_names:
+      raise DataError(f"{files[s]} has no 'text' column (columns: {dsd[s].column_names})")
+  return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in SPLITS}
+
+
+def _hub_rows_to_lines(rows) -> list[str]:
+  """Hub rows ("" blank, else ending in "\n") -> raw lines (" " blank, no newline)."""
+  return [r[:-1] if r.endswith("\n") else (r or " ") for r in rows]
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def _build_tokenizer(config: ml_collections.ConfigDict, spec: dict, train_lines: list[str]):
+  from tokenizers import ByteLevelBPETokenizer, Tokenizer
+  tok = config.data.tokenizer
+  if spec["kind"] == "file":
+    return Tokenizer.from_file(tok.file)
+  if spec["kind"] == "pretrained":
+    try:
+      return Tokenizer.from_pretrained(tok.pretrained)
+    except Exception as e:
+      raise DataError(f"could not fetch tokenizer '{tok.pretrained}' from the hub ({type(e).__name__}). "
+                      "Offline? Pass a local file with --config.data.tokenizer.file=tokenizer.json.") from None
+  # Trained on lines without their newline, as the PyTorch baseline does: no merge spans a line end.
+  bpe = ByteLevelBPETokenizer()
+  bpe.train_from_iterator(train_lines, vocab_size=tok.vocab_size, special_tokens=SPECIAL_TOKENS,
+                          show_progress=False)
+  return Tokenizer.from_str(bpe.to_str())
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+  """[vocab] UTF-8 bytes each token id stands for: exact for byte-level BPE (one char per byte),
+  the decoded text's length otherwise."""
+  from tokenizers import pre_tokenizers
+  byte_level = json.loads(tokenizer.to_str()).get("decoder", {}) or {}
+  byte_level = byte_level.get("type") == "ByteLevel"
+  alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+  added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+  lengths = np.zeros(tokenizer.get_vocab_size(), np.int64)
+  for piece, i in tokenizer.get_vocab().items():
+    if i in added:
+      lengths[i] = len(added[i].encode("utf-8"))
+    elif byte_level and set(piece) <= alphabet:
+      lengths[i] = len(piece)
+    else:
+      lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+  return lengths
+
+
+def _encode(tokenizer, lines: list[str], dtype) -> np.ndarray:
+  rows = [line + "\n" for line in lines[:-1]] + lines[-1:]
+  encodings = tokenizer.encode_batch_fast(rows, add_special_tokens=False)
+  return np.concatenate([np.asarray(e.ids, dtype) for e in encodings] or [np.zeros(0, dtype)])
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def _cache_name(source: dict, tok_spec: dict) -> str:
+  blob = json.dumps({"format": CACHE_FORMAT, "source": {k: v for k, v in source.items() if k != "dir"},
+                     "tokenizer": tok_spec}, sort_keys=True)
+  label = (f"{source['name']}-{source['config']}" if source["kind"] == "hub"
+           else os.path.basename(os.path.normpath(source["dir"])) or "local")
+  tok_label = {"bpe": f"bpe{tok_spec.get('vocab_size')}", "file": "tokfile",
+               "pretrained": str(tok_spec.get("name", "")).replace("/", "_")}[tok_spec["kind"]]
+  return f"{label}-{tok_label}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def load(config: ml_collections.ConfigDict, verbose: bool = False) -> Corpus:
+  """The tokenized corpus of `config.data`, prepared on first use and memory-mapped after."""
+  t0 = time.perf_counter()
+  source, tok_spec = _source_spec(config), _tokenizer_spec(config)
+  path = os.path.join(config.data.processed_dir, _cache_name(source, tok_spec))
+  if not os.path.isfile(os.path.join(path, "meta.json")):
+    _prepare(config, source, tok_spec, path, verbose)
+  elif verbose:
+    print(f"data: cache hit {path}", flush=True)
+  try:
+    with open(os.path.join(path, "meta.json")) as f:
+      meta = json.load(f)
+    tokens = {s: np.load(os.path.join(path, f"{s}.npy"), mmap_mode="r") for s in SPLITS}
+    token_bytes = np.load(os.path.join(path, "token_bytes.npy"))
+  except (OSError, ValueError) as e:
+    raise DataError(f"the data cache {path} is unreadable ({e}). Delete that folder; the next run "
+                    "rebuilds it.") from None
+  if verbose:
+    print(f"data: ready in {time.perf_counter() - t0:.1f}s", flush=True)
+  return Corpus(tokens=tokens, token_bytes=token_bytes, vocab_size=meta["vocab_size"], path=path, meta=meta)
+
+
+def _prepare(config, source: dict, tok_spec: dict, path: str, verbose: bool) -> None:
+  t0 = time.perf_counter()
+  log = (lambda msg: print(f"data: {msg}", flush=True)) if verbose else (lambda msg: None)
+  where = source.get("dir") or f"hub {source['name']}/{source['config']}"
+  log(f"preparing {where} -> {path}")
+  lines = _load_rows(config, source)
+  t_load = time.perf_counter()
+  log(f"read {', '.join(f'{s} {len(lines[s]):,} rows' for s in SPLITS)} in {t_load - t0:.1f}s")
+  tokenizer = _build_tokenizer(config, tok_spec, lines["train"])
+  vocab_size = tokenizer.get_vocab_size()
+  dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+  t_tok = time.perf_counter()
+  log(f"tokenizer ({tok_spec['kind']}, vocab {vocab_size:,}) in {t_tok - t_load:.1f}s")
+  tokens = {s: _encode(tokenizer, lines[s], dtype) for s in SPLITS}
+  splits = {s: {"rows": len(lines[s]), "tokens": int(tokens[s].size),
+                "bytes": len("\n".join(lines[s]).encode("utf-8"))} for s in SPLITS}
+  log(f"encoded {sum(v['tokens'] for v in splits.values()):,} tokens in {time.perf_counter() - t_tok:.1f}s")
+
+  os.makedirs(config.data.processed_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=config.data.processed_dir)
+  try:
+    for s in SPLITS:
+      np.save(os.path.join(tmp, f"{s}.npy"), tokens[s])
+    np.save(os.path.join(tmp, "token_bytes.npy"), token_byte_lengths(tokenizer))
+    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    meta = {"format": CACHE_FORMAT, "source": source, "tokenizer": tok_spec, "vocab_size": vocab_size,
+            "dtype": np.dtype(dtype).name, "splits": splits,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=2)
+    try:
+      os.rename(tmp, path)  # atomic: the cache appears whole or not at all
+    except OSError:
+      if not os.path.isfile(os.path.join(path, "meta.json")):  # not another process's finished cache
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- batches
+def sequences(tokens: np.ndarray, seq_length: int) -> np.ndarray:
+  """[n, seq_length] view of consecutive tokens; the tail shorter than a sequence is dropped."""
+  n = len(tokens) // seq_length
+  return tokens[: n * seq_length].reshape(n, seq_length)
+
+
+def steps_per_epoch(num_sequences: int, batch_size: int) -> int:
+  return num_sequences // batch_size  # the last partial batch is dropped
+
+
+def epoch_order(seed: int, epoch: int, num_sequences: int) -> np.ndarray:
+  """The training order of epoch `epoch` (1-based): a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_sequences)
+
+
+def train_batches(seqs: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  start: int = 0) -> Iterator[np.ndarray]:
+  """int32 [batch_size, seq_length] batches of one epoch, from its batch `start` on. Any batch is
+  reproducible from (seed, epoch, index) without replaying the epoch (exact resume)."""
+  order = epoch_order(seed, epoch, len(seqs))
+  for i in range(start, steps_per_epoch(len(seqs), batch_size)):
+    yield np.asarray(seqs[order[i * batch_size:(i + 1) * batch_size]], np.int32)
+
+
+def eval_batches(seqs: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(tokens int32 [batch_size, seq_length], mask bool [batch_size]) over every sequence in order;
+  the last batch is padded with masked rows so that every batch has one shape (one compilation)."""
+  for i in range(0, len(seqs), batch_size):
+    chunk = np.asarray(seqs[i:i + batch_size], np.int32)
+    mask = np.ones(batch_size, bool)
+    if len(chunk) < batch_size:
+      mask[len(chunk):] = False
+      chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), seqs.shape[1]), np.int32)])
+    yield chunk, mask
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _print_summary(config: ml_collections.ConfigDict) -> None:
+  from jaxlm.config import validate
+  validate(config)
+  corpus = load(config, verbose=True)
+  print(f"data: {corpus.path}")
+  print(f"data: vocab {corpus.vocab_size:,}, tokenizer {corpus.meta['tokenizer']['kind']}, "
+        f"prepared in {corpus.meta['seconds']}s")
+  for s in SPLITS:
+    info = corpus.meta["splits"][s]
+    n_seq = len(corpus.tokens[s]) // config.data.seq_length
+    print(f"data: {s:<10} {info['rows']:>8,} rows {info['bytes']:>12,} bytes {info['tokens']:>10,} tokens "
+          f"{info['bytes'] / max(1, info['tokens']):.2f} bytes/token {n_seq:>8,} sequences of "
+          f"{config.data.seq_length}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/base.py.")
+  flags.mark_flags_as_required(["config"])
+
+  def _main(argv):
+    del argv
+    from jaxlm.config import ConfigError
+    try:
+      _print_summary(_CONFIG.value)
+    except (ConfigError, DataError) as e:
+      raise SystemExit(f"error: {e}") from None
+  app.run(_main)

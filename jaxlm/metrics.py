@@ -1,0 +1,97 @@
+"""Where a run's numbers go: the console, `<workdir>/metrics.jsonl` and TensorBoard event files."""
+import json
+import math
+import os
+import time
+
+import jax
+
+# Datasheet dense bf16 peak FLOP/s per chip, for MFU. Devices not listed report no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops(device: jax.Device, compute_dtype) -> float | None:
+  if jax.numpy.dtype(compute_dtype) != jax.numpy.bfloat16:
+    return None  # float32 rates vary with the matmul precision; only bf16 has one clear peak
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
+
+
+def bits_per_byte(nats: float, num_bytes: int) -> float:
+  return nats / (math.log(2) * num_bytes)
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class JsonlWriter:
+  """metrics.jsonl: one JSON object per line (pandas.read_json(path, lines=True))."""
+
+  def __init__(self, path: str, keep_epochs_up_to: int):
+    """Opens for appending; lines of epochs after `keep_epochs_up_to` (written after the checkpoint
+    a run resumes from) are dropped, so the file always agrees with the checkpoint."""
+    self.path = path
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= keep_epochs_up_to]
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, path)
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class TensorBoard:
+  """Scalars under <workdir>/tensorboard; on resume, TensorBoard drops what was logged past `step`."""
+
+  def __init__(self, logdir: str, resume_step: int):
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(logdir, purge_step=resume_step or None, flush_secs=30)
+
+  def scalars(self, step: int, values: dict, prefix: str) -> None:
+    for name, value in values.items():
+      if value is not None:
+        self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+class Progress:
+  """One console line every `log_every_steps` steps: step, loss, lr, tokens/s, MFU, ETA."""
+
+  def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak: float | None):
+    self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+    self.flops_per_token, self.peak = flops_per_token, peak
+    self.reset(0)
+
+  def reset(self, step: int) -> None:
+    """Start timing from `step` (after compilation, evaluation or a resume)."""
+    self.t0, self.step0 = time.perf_counter(), step
+
+  def rates(self, step: int) -> dict:
+    elapsed = max(time.perf_counter() - self.t0, 1e-9)
+    tokens_per_s = (step - self.step0) * self.tokens_per_step / elapsed
+    return {"tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else None}
+
+  def line(self, epoch: int, epochs: int, step: int, loss: float, lr: float, steps_left_in_epoch: int) -> str:
+    r = self.rates(step)
+    per_step = self.tokens_per_step / max(r["tokens_per_s"], 1e-9)
+    mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+    return (f"epoch {epoch}/{epochs} step {step:,}/{self.total_steps:,} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{r['tokens_per_s']:,.0f} tok/s{mfu} | ETA epoch {format_duration(steps_left_in_epoch * per_step)}"
+            f", run {format_duration((self.total_steps - step) * per_step)}")

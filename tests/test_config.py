@@ -1,0 +1,135 @@
+import sys
+from unittest import mock
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm import config as config_lib
+
+from conftest import BASE_CONFIG, load_config
+
+
+def parse(*overrides, variant=""):
+  """The config exactly as `python -m jaxlm.main --config=... <overrides>` builds it."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+  argv = ["prog", f"--config={BASE_CONFIG}{':' + variant if variant else ''}", *overrides]
+  with mock.patch.object(sys, "argv", argv):  # config_flags reads the overrides from sys.argv
+    flag_values(argv)
+  return flag_values.config
+
+
+def test_base_config_holds_the_guides_values():
+  c = load_config()
+  config_lib.validate(c)
+  assert (c.data.seq_length, c.training.epochs, c.training.batch_size) == (128, 3, 2)
+  assert (c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.d_ff) == (256, 4, 4, 1024)
+  assert (c.model.dropout, c.training.learning_rate, c.training.weight_decay) == (0.1, 3e-4, 0.01)
+  assert (c.training.warmup_steps, c.training.patience, c.data.tokenizer.vocab_size) == (300, 2, 8192)
+  assert c.training.num_steps == -1  # derived from the data; 3000 stays reachable by override
+  assert c.workdir == "runs/experiment_1"
+  assert (c.data.dataset_name, c.data.dataset_config) == ("wikitext", "wikitext-2-raw-v1")
+
+
+def test_tiny_variant_validates():
+  config_lib.validate(load_config("tiny"))
+
+
+def test_command_line_overrides_reach_the_config():
+  c = parse("--config.training.learning_rate=5e-4", "--config.model.d_model=128", "--config.device=cuda",
+            "--config.training.num_steps=3000", "--config.data.data_dir=/some/dir")
+  assert c.training.learning_rate == 5e-4
+  assert c.model.d_model == 128
+  assert c.device == "cuda"
+  assert c.training.num_steps == 3000
+  assert c.data.data_dir == "/some/dir"
+  config_lib.validate(c)
+
+
+def test_override_of_unknown_key_fails_at_parse_time():
+  with pytest.raises(Exception, match="learning_rat"):
+    parse("--config.training.learning_rat=5e-4")
+
+
+def test_unknown_variant_fails():
+  with pytest.raises(Exception, match="unknown config variant"):
+    parse(variant="huge")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.d_model", 250, "'model.d_model' = 250 must be divisible by 'model.num_heads' = 4"),
+    ("model.num_heads", 0, "'model.num_heads' = 0 must be > 0"),
+    ("model.num_layers", -1, "'model.num_layers' = -1 must be > 0"),
+    ("model.d_ff", 0, "'model.d_ff' = 0 must be > 0"),
+    ("model.dropout", 1.0, r"'model.dropout' = 1.0 must be in \[0, 1\)"),
+    ("model.dtype", "float16", "'model.dtype' = 'float16' must be one of"),
+    ("model.attention", "flash", "'model.attention' = 'flash' must be one of"),
+    ("model.max_seq_length", 64, "'data.seq_length' = 128 exceeds the model's positions 'model.max_seq_length' = 64"),
+    ("data.seq_length", 1, "'data.seq_length' = 1 must be >= 2"),
+    ("data.tokenizer.vocab_size", 100, "'data.tokenizer.vocab_size' = 100 must be >= 258"),
+    ("training.batch_size", 0, "'training.batch_size' = 0 must be > 0"),
+    ("training.epochs", 0, "'training.epochs' = 0 must be > 0"),
+    ("training.learning_rate", -1e-3, "'training.learning_rate' = -0.001 must be >= 0"),
+    ("training.min_learning_rate", 1e-3, "'training.min_learning_rate' = 0.001 must not exceed"),
+    ("training.warmup_steps", 3000, "'training.warmup_steps' = 3000 must be below 'training.num_steps' = 3000"),
+    ("training.num_steps", 0, "'training.num_steps' = 0 must be > 0, or -1"),
+    ("training.patience", 0, "'training.patience' = 0 must be > 0"),
+    ("training.b2", 1.0, r"'training.b2' = 1.0 must be in \[0, 1\)"),
+    ("training.clip_norm", 0.0, "'training.clip_norm' = 0.0 must be > 0"),
+    ("device", "gpu0", "'device' = 'gpu0' must be one of"),
+    ("workdir", "", "'workdir' = '' must name a directory"),
+])
+def test_each_bad_value_gives_one_error_naming_the_key(key, value, message):
+  c = load_config()
+  if key == "training.warmup_steps":
+    c.training.num_steps = 3000
+  group, _, name = key.rpartition(".")
+  target = c
+  for part in filter(None, group.split(".")):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_unknown_and_missing_keys_are_named():
+  c = load_config()
+  c.unlock()
+  c.training.learning_rat = 1e-3
+  with pytest.raises(config_lib.ConfigError, match="'training.learning_rat' is unknown"):
+    config_lib.validate(c)
+  c = load_config()
+  c.unlock()
+  del c.training["patience"]
+  with pytest.raises(config_lib.ConfigError, match="'training.patience' is missing"):
+    config_lib.validate(c)
+
+
+def test_wrong_type_is_named():
+  c = load_config()
+  c.unlock()
+  del c.training["epochs"]
+  c.training.epochs = "3"
+  with pytest.raises(config_lib.ConfigError, match="'training.epochs' = '3' must be of type int"):
+    config_lib.validate(c)
+
+
+def test_two_tokenizer_sources_conflict():
+  c = load_config()
+  c.data.tokenizer.file, c.data.tokenizer.pretrained = "tok.json", "gpt2"
+  with pytest.raises(config_lib.ConfigError, match="both set"):
+    config_lib.validate(c)
+
+
+def test_device_choice():
+  c = load_config()
+  assert config_lib.select_device(c).platform in ("cpu", "gpu", "tpu")
+  c.device = "cpu"
+  assert config_lib.select_device(c).platform == "cpu"
+  import jax
+  if not any(d.platform == "gpu" for d in jax.devices()):
+    for name in ("gpu", "cuda"):  # "cuda" is the original guide's spelling
+      c.device = name
+      with pytest.raises(config_lib.ConfigError, match="no gpu backend"):
+        config_lib.select_device(c)

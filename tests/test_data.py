@@ -1,0 +1,197 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from jaxlm import data as data_lib
+
+from conftest import BASE_CONFIG, ROOT, SHARED_DATA, write_corpus
+
+
+def cache_folders(config):
+  d = config.data.processed_dir
+  return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def test_prepare_trains_tokenizer_and_round_trips(tiny_config, corpus_dir):
+  corpus = data_lib.load(tiny_config)
+  tok = corpus.tokenizer()
+  assert corpus.vocab_size == tok.get_vocab_size() <= tiny_config.data.tokenizer.vocab_size
+  assert corpus.vocab_size > 300  # merges were learned, not just the 256 bytes
+  with open(os.path.join(corpus_dir, "validation.txt"), encoding="utf-8") as f:
+    text = f.read()[:-1]  # the rows joined by "\n"
+  ids = corpus.tokens["validation"]
+  assert ids.dtype == np.uint16
+  assert tok.decode(ids.tolist()) == text  # byte-level BPE loses nothing
+  # Per-row batch encoding equals encoding the whole text at once.
+  assert np.array_equal(ids, tok.encode(text, add_special_tokens=False).ids)
+  meta = corpus.meta
+  assert meta["splits"]["validation"] == {"rows": text.count("\n") + 1, "tokens": len(ids),
+                                          "bytes": len(text.encode("utf-8"))}
+  # token_bytes gives the exact UTF-8 length of any token sequence
+  assert corpus.token_bytes[np.asarray(ids)].sum() == len(text.encode("utf-8"))
+
+
+def test_cache_hit_does_no_work(tiny_config, capsys):
+  first = data_lib.load(tiny_config, verbose=True)
+  assert "preparing" in capsys.readouterr().out
+  stamps = {f: os.stat(os.path.join(first.path, f)).st_mtime_ns for f in os.listdir(first.path)}
+  second = data_lib.load(tiny_config, verbose=True)
+  out = capsys.readouterr().out
+  assert "cache hit" in out and "preparing" not in out
+  assert second.path == first.path
+  assert stamps == {f: os.stat(os.path.join(first.path, f)).st_mtime_ns for f in os.listdir(first.path)}
+  assert isinstance(second.tokens["train"], np.memmap)
+  assert cache_folders(tiny_config) == [os.path.basename(first.path)]
+
+
+def test_changed_source_or_tokenizer_makes_a_new_cache(tiny_config, corpus_dir):
+  base = data_lib.load(tiny_config)
+  with open(os.path.join(corpus_dir, "train.txt"), "a", encoding="utf-8") as f:
+    f.write(" An extra row .\n")
+  edited = data_lib.load(tiny_config)
+  assert edited.path != base.path
+  assert len(edited.tokens["train"]) > len(base.tokens["train"])
+  tiny_config.data.tokenizer.vocab_size = 400
+  smaller = data_lib.load(tiny_config)
+  assert smaller.path not in (base.path, edited.path) and smaller.vocab_size <= 400
+  assert len(cache_folders(tiny_config)) == 3
+
+
+def test_given_tokenizer_file(tiny_config, tmp_path):
+  trained = data_lib.load(tiny_config)
+  tok_file = str(tmp_path / "my_tokenizer.json")
+  trained.tokenizer().save(tok_file)
+  tiny_config.data.tokenizer.file = tok_file
+  from_file = data_lib.load(tiny_config)
+  assert from_file.path != trained.path and from_file.meta["tokenizer"]["kind"] == "file"
+  for split in data_lib.SPLITS:
+    assert np.array_equal(from_file.tokens[split], trained.tokens[split])
+
+
+def test_a_crash_while_writing_leaves_no_cache(tiny_config, monkeypatch):
+  real_save = np.save
+  calls = []
+
+  def save_then_crash(path, array):
+    calls.append(path)
+    if len(calls) == 2:
+      raise OSError("disk full (simulated)")
+    real_save(path, array)
+
+  monkeypatch.setattr(data_lib.np, "save", save_then_crash)
+  with pytest.raises(OSError, match="simulated"):
+    data_lib.load(tiny_config)
+  assert cache_folders(tiny_config) == []  # neither a half-written cache nor a temporary folder
+  monkeypatch.setattr(data_lib.np, "save", real_save)
+  corpus = data_lib.load(tiny_config)
+  assert len(corpus.tokens["test"]) > 0 and cache_folders(tiny_config) == [os.path.basename(corpus.path)]
+
+
+def test_parquet_and_raw_names_give_the_same_tokens(tiny_config, tmp_path):
+  import pandas as pd
+  from_text = data_lib.load(tiny_config)
+  rows_by_split = write_corpus(tmp_path / "raw", names=("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"))
+  tiny_config.data.data_dir = str(tmp_path / "raw")
+  from_raw = data_lib.load(tiny_config)
+  # The hub's parquet rows: "" for a blank row, others keep their "\n".
+  os.makedirs(tmp_path / "parquet")
+  for split, rows in zip(("train", "validation", "test"), rows_by_split):
+    hub_rows = ["" if not r.strip() else r + "\n" for r in rows]
+    pd.DataFrame({"text": hub_rows}).to_parquet(tmp_path / "parquet" / f"{split}-00000-of-00001.parquet")
+  tiny_config.data.data_dir = str(tmp_path / "parquet")
+  from_parquet = data_lib.load(tiny_config)
+  assert from_parquet.meta["source"]["kind"] == "parquet" and from_raw.meta["source"]["kind"] == "text"
+  for split in data_lib.SPLITS:
+    assert np.array_equal(from_text.tokens[split], from_raw.tokens[split])
+    assert np.array_equal(from_text.tokens[split], from_parquet.tokens[split])
+
+
+def test_missing_split_and_missing_dir_are_clear_errors(tiny_config, corpus_dir):
+  os.remove(os.path.join(corpus_dir, "test.txt"))
+  with pytest.raises(data_lib.DataError, match="lacks some splits.*test: test.txt or wiki.test.raw"):
+    data_lib.load(tiny_config)
+  tiny_config.data.data_dir = corpus_dir + "-nowhere"
+  with pytest.raises(data_lib.DataError, match="is not a directory"):
+    data_lib.load(tiny_config)
+
+
+def test_offline_without_local_copy_says_how_to_use_a_local_directory(tmp_path):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxlm.data", f"--config={BASE_CONFIG}",
+       f"--config.data.raw_dir={tmp_path / 'raw'}", f"--config.data.processed_dir={tmp_path / 'processed'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith("error: could not load 'wikitext/wikitext-2-raw-v1' from the Hugging Face hub")
+  assert "--config.data.data_dir=FOLDER" in last_line
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "processed") or os.listdir(tmp_path / "processed") == []
+
+
+def test_prepare_command_prints_what_it_did(tmp_path, corpus_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxlm.data", f"--config={BASE_CONFIG}:tiny", f"--config.data.data_dir={corpus_dir}",
+       f"--config.data.raw_dir={tmp_path / 'raw'}", f"--config.data.processed_dir={tmp_path / 'processed'}"],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  for expected in ("rows", "tokens", "bytes", "vocab", "processed", "sequences of 32"):
+    assert expected in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- batches
+def test_sequences_and_steps():
+  tokens = np.arange(103, dtype=np.uint16)
+  seqs = data_lib.sequences(tokens, 10)
+  assert seqs.shape == (10, 10) and seqs[3, 0] == 30 and seqs[-1, -1] == 99
+  assert data_lib.steps_per_epoch(len(seqs), 3) == 3  # the last partial batch is dropped
+
+
+def test_batch_order_is_deterministic_shuffled_and_resumable():
+  seqs = np.arange(50 * 4, dtype=np.uint16).reshape(50, 4)
+  B = 3
+  epoch1 = list(data_lib.train_batches(seqs, B, seed=0, epoch=1))
+  assert len(epoch1) == 16 and all(b.shape == (B, 4) and b.dtype == np.int32 for b in epoch1)
+  again = list(data_lib.train_batches(seqs, B, seed=0, epoch=1))
+  assert all(np.array_equal(a, b) for a, b in zip(epoch1, again))
+  firsts = np.concatenate([b[:, 0] // 4 for b in epoch1])
+  assert len(set(firsts)) == 48  # each sequence at most once; the last partial batch dropped
+  assert not np.array_equal(firsts, np.sort(firsts))  # shuffled
+  epoch2 = list(data_lib.train_batches(seqs, B, seed=0, epoch=2))
+  assert not np.array_equal(epoch1[0], epoch2[0])
+  other_seed = list(data_lib.train_batches(seqs, B, seed=1, epoch=1))
+  assert not np.array_equal(epoch1[0], other_seed[0])
+  # Resume: batch k of an epoch without replaying batches 0..k-1.
+  for k in (0, 5, 15):
+    resumed = list(data_lib.train_batches(seqs, B, seed=0, epoch=1, start=k))
+    assert len(resumed) == 16 - k and all(np.array_equal(a, b) for a, b in zip(epoch1[k:], resumed))
+
+
+def test_eval_batches_cover_every_sequence_with_a_mask():
+  seqs = np.arange(7 * 3, dtype=np.uint16).reshape(7, 3)
+  batches = list(data_lib.eval_batches(seqs, 3))
+  assert len(batches) == 3 and all(t.shape == (3, 3) for t, _ in batches)
+  tokens = np.concatenate([t[m] for t, m in batches])
+  assert np.array_equal(tokens, seqs)
+  assert batches[-1][1].tolist() == [True, False, False]
+
+
+# ------------------------------------------------------------------------------------ real WikiText
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "wikitext-2-mini")),
+                    reason="../shared/data (this workplace's WikiText copy) is absent")
+def test_real_wikitext_rows_tokenize_like_the_whole_text(tiny_config):
+  tiny_config.data.data_dir = os.path.join(SHARED_DATA, "wikitext-2-mini")
+  tiny_config.data.tokenizer.vocab_size = 2048
+  corpus = data_lib.load(tiny_config)
+  tok = corpus.tokenizer()
+  with open(os.path.join(tiny_config.data.data_dir, "validation.txt"), encoding="utf-8") as f:
+    text = f.read()[:-1]
+  assert np.array_equal(corpus.tokens["validation"], tok.encode(text, add_special_tokens=False).ids)
+  assert corpus.meta["splits"]["train"]["rows"] == 6616
+  assert json.loads(tok.to_str())["model"]["type"] == "BPE"
+  assert isinstance(tok, Tokenizer)

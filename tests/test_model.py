@@ -1,0 +1,233 @@
+"""The model, the optimizer and the jitted steps (issue: the pure-functional core of training)."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlm import model as model_lib
+from jaxlm import train as train_lib
+
+from conftest import load_config
+
+VOCAB = 64
+
+
+def small_config(**model_overrides):
+  config = load_config("tiny")
+  config.data.seq_length = 16
+  for key, value in model_overrides.items():
+    config.model[key] = value
+  return config
+
+
+def make_state(config, num_steps=1000, dtype=jnp.float32, vocab=VOCAB):
+  model = model_lib.build(config, vocab, dtype)
+  schedule = train_lib.make_schedule(config, num_steps)
+  return model, schedule, train_lib.create_train_state(config, model, train_lib.make_optimizer(config, schedule))
+
+
+def random_tokens(shape, seed=0, vocab=VOCAB):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def test_logits_shape_and_dtype():
+  config = small_config()
+  model, _, state = make_state(config)
+  logits = model.apply({"params": state.params}, random_tokens((3, 16)))
+  assert logits.shape == (3, 16, VOCAB) and logits.dtype == jnp.float32
+  shorter = model.apply({"params": state.params}, random_tokens((2, 5)))  # fewer positions is fine
+  assert shorter.shape == (2, 5, VOCAB)
+
+
+def test_parameter_count_of_the_base_config():
+  config = load_config()
+  model = model_lib.build(config, 8192)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 128), jnp.int32))["params"]
+  d, f, n, v, L = 256, 1024, 4, 8192, 128
+  per_block = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+  assert model_lib.count_params(params) == v * d + L * d + n * per_block + 2 * d == 5_289_472
+  assert "head" not in params  # tied output projection
+  untied = model_lib.build(small_config(tie_embeddings=False), VOCAB)
+  p = jax.eval_shape(untied.init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+  assert p["head"]["kernel"].shape == (32, VOCAB)
+
+
+def test_causality_changing_token_t_never_changes_earlier_logits():
+  config = small_config()
+  model, _, state = make_state(config)
+  tokens = random_tokens((1, 16))
+  base = model.apply({"params": state.params}, tokens)
+  for t in (0, 7, 15):
+    changed = tokens.at[0, t].set((tokens[0, t] + 1) % VOCAB)
+    out = model.apply({"params": state.params}, changed)
+    np.testing.assert_array_equal(out[0, :t], base[0, :t])
+    assert not np.allclose(out[0, t], base[0, t])
+
+
+def test_initialization_matches_the_baseline():
+  config = small_config()
+  _, _, state = make_state(config, vocab=4096)
+  p = state.params
+  assert abs(float(jnp.std(p["tok_emb"])) - 0.02) < 0.001
+  assert abs(float(jnp.std(p["block_0"]["fc1"]["kernel"])) - 0.02) < 0.002
+  assert float(jnp.abs(p["block_0"]["qkv"]["bias"]).max()) == 0.0
+  assert float(jnp.abs(p["block_1"]["ln1"]["scale"] - 1).max()) == 0.0
+  scaled = small_config(scaled_residual_init=True)
+  _, _, s = make_state(scaled, vocab=4096)
+  expected = 0.02 / math.sqrt(2 * scaled.model.num_layers)
+  assert abs(float(jnp.std(s.params["block_0"]["fc2"]["kernel"])) - expected) < 0.1 * expected
+  assert abs(float(jnp.std(s.params["block_0"]["fc1"]["kernel"])) - 0.02) < 0.002
+
+
+def test_loss_at_init_is_close_to_ln_vocab():
+  config = small_config()
+  vocab = 512
+  model, _, state = make_state(config, vocab=vocab)
+  tokens = random_tokens((8, 16), vocab=vocab)
+  loss = train_lib.next_token_losses(model.apply({"params": state.params}, tokens), tokens).mean()
+  assert abs(float(loss) - math.log(vocab)) < 0.1
+
+
+def test_overfits_a_tiny_repetitive_corpus():
+  config = small_config(dropout=0.0)
+  config.training.learning_rate = 3e-3
+  config.training.warmup_steps = 20
+  _, schedule, state = make_state(config, num_steps=300)
+  pattern = np.random.default_rng(0).integers(0, VOCAB, 7)
+  stream = np.tile(pattern, 200)
+  step = jax.jit(functools.partial(train_lib.train_step, learning_rate_fn=schedule), donate_argnums=0)
+  losses = []
+  for i in range(300):
+    starts = (np.arange(8) * 5 + i) % (len(stream) - 16)
+    batch = jnp.asarray(np.stack([stream[s:s + 16] for s in starts]), jnp.int32)
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[0] > 3.5 and losses[-1] < 0.1, (losses[0], losses[-1])
+
+
+def test_schedule_values():
+  config = load_config()
+  config.training.min_learning_rate = 3e-5
+  schedule = train_lib.make_schedule(config, 3000)
+  lr, warm = config.training.learning_rate, config.training.warmup_steps
+  assert float(schedule(0)) == 0.0  # the first update uses rate 0, as the baseline's LambdaLR
+  assert float(schedule(warm // 2)) == pytest.approx(lr / 2, rel=1e-5)
+  assert float(schedule(warm)) == pytest.approx(lr, rel=1e-5)
+  mid = warm + (3000 - warm) // 2
+  assert float(schedule(mid)) == pytest.approx((lr + 3e-5) / 2, rel=1e-4)
+  assert float(schedule(3000)) == pytest.approx(3e-5, rel=1e-5)
+  assert float(schedule(5000)) == pytest.approx(3e-5, rel=1e-5)  # stays at the floor
+
+
+def test_schedule_length_is_derived_or_warns(capsys):
+  config = load_config()
+  assert train_lib.schedule_length(config, 5571) == 5571
+  config.training.num_steps = 3000
+  assert train_lib.schedule_length(config, 5571) == 3000
+  assert "shorter than the run's 5,571 steps" in capsys.readouterr().out
+  config.training.num_steps = -1
+  with pytest.raises(train_lib.config_lib.ConfigError, match="warmup_steps"):
+    train_lib.schedule_length(config, 200)
+
+
+def test_gradient_clipping_clips():
+  config = small_config()
+  config.training.clip_norm = 0.5
+  config.training.weight_decay = 0.0
+  params = {"w": jnp.zeros(4)}
+  tx = train_lib.make_optimizer(config, lambda _: 1.0)
+  big = {"w": jnp.array([30.0, 40.0, 0.0, 0.0])}  # norm 50
+  clip = optax.clip_by_global_norm(config.training.clip_norm)
+  clipped, _ = clip.update(big, clip.init(params))
+  assert float(optax.global_norm(clipped)) == pytest.approx(0.5)
+  # Through the whole chain: Adam's first update has magnitude ~lr whatever the scale, so check
+  # that the chain's first stage is the clip, i.e. the update is that of the clipped gradient.
+  updates, _ = tx.update(big, tx.init(params), params)
+  reference, _ = optax.adam(1.0).update(clipped, optax.adam(1.0).init(params), params)
+  np.testing.assert_allclose(updates["w"], reference["w"], rtol=1e-6)
+
+
+def test_train_step_reports_unclipped_grad_norm_and_rate():
+  config = small_config()
+  _, schedule, state = make_state(config, num_steps=100)
+  step = jax.jit(functools.partial(train_lib.train_step, learning_rate_fn=schedule))
+  state, metrics = step(state, random_tokens((4, 16)))
+  assert float(metrics["learning_rate"]) == 0.0 and int(state.step) == 1
+  state, metrics = step(state, random_tokens((4, 16), seed=1))
+  assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(1)))
+  assert float(metrics["grad_norm"]) > 0
+
+
+def test_weight_decay_mask():
+  config = small_config(tie_embeddings=False)
+  _, _, state = make_state(config)
+  mask = train_lib.decay_mask(state.params)
+  flat = {"/".join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat["block_0/qkv/kernel"] and flat["block_1/fc2/kernel"] and flat["head/kernel"]
+  for name in ("tok_emb", "pos_emb", "block_0/qkv/bias", "block_0/ln1/scale", "block_0/ln1/bias", "ln_f/scale"):
+    assert not flat[name], name
+  # With zero gradients, AdamW changes exactly the decayed parameters.
+  config.training.decay_all_params = False
+  config.training.weight_decay = 0.5
+  tx = train_lib.make_optimizer(config, lambda _: 0.1)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  updates, _ = tx.update(zeros, tx.init(state.params), state.params)
+  moved = jax.tree_util.tree_map(lambda u: bool(jnp.any(u != 0)), updates)
+  assert moved == jax.tree_util.tree_map(lambda m, p: bool(m) and bool(jnp.any(p != 0)), mask, state.params)
+  config.training.decay_all_params = True  # the baseline's default: every parameter decays
+  tx = train_lib.make_optimizer(config, lambda _: 0.1)
+  updates, _ = tx.update(zeros, tx.init(state.params), state.params)
+  assert bool(jnp.any(updates["ln_f"]["scale"] != 0)) and bool(jnp.any(updates["tok_emb"] != 0))
+
+
+def test_bfloat16_mixed_precision_runs_close_to_float32():
+  config = small_config(dropout=0.0)
+  tokens = random_tokens((4, 16))
+  results = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model, schedule, state = make_state(config, num_steps=100, dtype=dtype)
+    assert jax.tree_util.tree_leaves(state.params)[0].dtype == jnp.float32  # float32 parameters
+    step = jax.jit(functools.partial(train_lib.train_step, learning_rate_fn=schedule))
+    losses = []
+    for i in range(20):
+      state, metrics = step(state, random_tokens((4, 16), seed=i % 2))
+      losses.append(float(metrics["loss"]))
+    logits = model.apply({"params": state.params}, tokens)
+    assert logits.dtype == jnp.float32
+    results[dtype] = losses
+  np.testing.assert_allclose(results[jnp.bfloat16], results[jnp.float32], atol=0.05)
+
+
+def test_eval_step_sums_exactly_whatever_the_batch_size():
+  config = small_config()
+  model, _, state = make_state(config)
+  seqs = np.asarray(random_tokens((11, 16)))
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, apply_fn=model.apply))
+  reference = train_lib.next_token_losses(model.apply({"params": state.params}, jnp.asarray(seqs)), seqs)
+  for batch_size in (1, 4, 11, 16):
+    result = train_lib.evaluate(eval_fn, state.params, seqs, batch_size, num_bytes=1000)
+    assert result["loss"] == pytest.approx(float(reference.mean()), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bpb"] == pytest.approx(float(reference.sum()) / (math.log(2) * 1000), rel=1e-5)
+
+
+def test_train_step_is_pure_and_compiles_once():
+  config = small_config()
+  _, schedule, state = make_state(config)
+  step = jax.jit(functools.partial(train_lib.train_step, learning_rate_fn=schedule))
+  batches = [random_tokens((4, 16), seed=i) for i in range(5)]
+  s1, m1 = step(state, batches[0])
+  s2, m2 = step(state, batches[0])  # same inputs, same outputs (dropout keyed by the step)
+  np.testing.assert_array_equal(m1["loss"], m2["loss"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, s1.params, s2.params)
+  for b in batches:
+    s1, _ = step(s1, b)
+  assert step._cache_size() == 1
+  assert int(s1.step) == 6
+  # Dropout is keyed by the step: the same params and batch at another step give another loss.
+  _, m3 = step(state.replace(step=state.step + 1), batches[0])
+  assert float(m3["loss"]) != float(m1["loss"])

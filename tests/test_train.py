@@ -1,0 +1,265 @@
+"""The whole training run on the tiny config, with real files on disk."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import data as data_lib
+from jaxlm import inspect as inspect_lib
+from jaxlm import model as model_lib
+from jaxlm import train as train_lib
+
+from conftest import BASE_CONFIG, ROOT, write_corpus
+
+METRIC_KEYS = {"epoch", "global_step", "train_loss", "val_loss", "val_perplexity", "val_bpb", "learning_rate",
+               "epoch_time_s", "tokens_per_s"}
+TIMING_KEYS = {"epoch_time_s", "tokens_per_s", "mfu"}
+
+
+def fresh_state(config, vocab_size):
+  model = model_lib.build(config, vocab_size)
+  return train_lib.create_train_state(config, model, train_lib.make_optimizer(config, lambda _: 0.0))
+
+
+def restore(workdir, name, config, vocab_size):
+  checkpoints = checkpoint_lib.Checkpoints(workdir, create=False)
+  try:
+    return checkpoints.restore(name, fresh_state(config, vocab_size))
+  finally:
+    checkpoints.close()
+
+
+def assert_same_tree(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def read_metrics(workdir):
+  return pd.read_json(os.path.join(workdir, "metrics.jsonl"), lines=True)
+
+
+def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
+  summary = train_lib.train_and_evaluate(tiny_config)
+  workdir = tiny_config.workdir
+  vocab = data_lib.load(tiny_config).vocab_size
+
+  df = read_metrics(workdir)  # as the original guide reads it
+  assert METRIC_KEYS <= set(df.columns)
+  assert df["epoch"].tolist() == [1, 2]
+  steps_per_epoch = df["global_step"][0]
+  assert df["global_step"].tolist() == [steps_per_epoch, 2 * steps_per_epoch]
+  assert (df["val_perplexity"] == np.exp(df["val_loss"])).all()
+  assert df["val_loss"][1] < df["val_loss"][0] < np.log(vocab)  # it learns
+  assert (df["tokens_per_s"] > 0).all() and (df["val_bpb"] > 0).all()
+
+  events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "val/loss",
+          "val/perplexity", "val/bpb", "test/loss"} <= tags
+  val_losses = [e.value for e in events.Scalars("val/loss")]
+  np.testing.assert_allclose(val_losses, df["val_loss"], rtol=1e-6)
+  assert [e.step for e in events.Scalars("val/loss")] == df["global_step"].tolist()
+  train_steps = [e.step for e in events.Scalars("train/loss")]
+  assert train_steps[0] == tiny_config.training.log_every_steps and len(train_steps) >= 3
+
+  last, last_meta = restore(workdir, "last", tiny_config, vocab)
+  best, best_meta = restore(workdir, "best", tiny_config, vocab)
+  assert int(last.step) == last_meta["global_step"] == 2 * steps_per_epoch and last_meta["epoch"] == 2
+  assert int(best.step) == best_meta["global_step"]  # val improved at epoch 2, so best is last
+  assert_same_tree(last.params, best.params)
+  assert_same_tree(last.opt_state, best.opt_state)  # the schedule's count travels in the optimizer state
+  assert best_meta["best_val_loss"] == pytest.approx(df["val_loss"].min())
+  assert last_meta["bad_epochs"] == 0 and last_meta["config"]["model"]["d_model"] == 32
+
+  with open(os.path.join(workdir, "test_metrics.json")) as f:
+    test_metrics = json.load(f)
+  assert test_metrics == json.loads(json.dumps(summary))
+  assert summary["test_perplexity"] == pytest.approx(np.exp(summary["test_loss"]))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == tiny_config.to_dict()
+  report = inspect_lib.describe(workdir)
+  assert f"last: epoch 2, step {2 * steps_per_epoch:,}" in report
+  assert f"{summary['num_params']:,} parameters" in report
+
+  # Re-running a finished run resumes, finds nothing to do and tests again.
+  again = train_lib.train_and_evaluate(tiny_config)
+  assert again == summary
+  assert len(read_metrics(workdir)) == 2
+
+
+def test_early_stopping_after_exactly_patience_epochs_and_best_only_on_improvement(tiny_config):
+  tiny_config.training.learning_rate = 0.0  # nothing changes after epoch 1: no improvement ever
+  tiny_config.training.min_learning_rate = 0.0
+  tiny_config.training.epochs = 6
+  tiny_config.training.patience = 3
+  summary = train_lib.train_and_evaluate(tiny_config)
+  df = read_metrics(tiny_config.workdir)
+  assert df["epoch"].tolist() == [1, 2, 3, 4]  # 1 improvement (from nothing), then 3 without
+  assert df["improved"].tolist() == [True, False, False, False]
+  assert summary["stopped_early"] and summary["best_epoch"] == 1
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
+  steps_per_epoch = int(df["global_step"][0])
+  assert checkpoints.step("best") == steps_per_epoch  # written once, at epoch 1
+  assert checkpoints.step("last") == 4 * steps_per_epoch
+  assert checkpoints.restore_meta("last")["bad_epochs"] == 3
+  checkpoints.close()
+  # A stopped run stays stopped when re-run.
+  train_lib.train_and_evaluate(tiny_config)
+  assert len(read_metrics(tiny_config.workdir)) == 4
+
+
+def run_cli(args, cwd, **kwargs):
+  return subprocess.Popen([sys.executable, "-u", "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny", *args],
+                          cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def cli_overrides(config):
+  return [f"--config.data.data_dir={config.data.data_dir}", f"--config.data.raw_dir={config.data.raw_dir}",
+          f"--config.data.processed_dir={config.data.processed_dir}", f"--config.workdir={config.workdir}",
+          "--config.device=cpu", f"--config.training.log_every_steps={config.training.log_every_steps}",
+          f"--config.training.epochs={config.training.epochs}"]
+
+
+def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
+  """SIGINT mid-run through the CLI, then the same command again: the final parameters, optimizer
+  state and metrics equal those of an uninterrupted run."""
+  write_corpus(tiny_config.data.data_dir, articles=(120, 3, 3))  # long enough epochs to interrupt
+  tiny_config.training.epochs = 2
+  tiny_config.training.log_every_steps = 5
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  train_lib.train_and_evaluate(reference)
+  total = int(read_metrics(reference.workdir)["global_step"].iloc[-1])
+
+  process = run_cli(cli_overrides(tiny_config), cwd=tmp_path)
+  output = []
+  for line in process.stdout:
+    output.append(line)
+    if line.startswith("epoch 1/2 step "):  # the first progress line: training is under way
+      process.send_signal(signal.SIGINT)
+      break
+  output += process.stdout.readlines()
+  assert process.wait(timeout=120) == 128 + signal.SIGINT, "".join(output)
+  text = "".join(output)
+  assert "SIGINT: stopping after this step and saving a checkpoint" in text
+  assert "Re-run the same command to resume" in text and "Traceback" not in text
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
+  interrupted_at = checkpoints.step("last")
+  checkpoints.close()
+  assert 0 < interrupted_at < total
+
+  resumed = run_cli(cli_overrides(tiny_config), cwd=tmp_path)
+  text = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0, text
+  assert f"resuming from {os.path.abspath(tiny_config.workdir)}/checkpoints/last" in text
+  vocab = data_lib.load(tiny_config).vocab_size
+  for name in ("last", "best"):
+    ours, ours_meta = restore(tiny_config.workdir, name, tiny_config, vocab)
+    theirs, theirs_meta = restore(reference.workdir, name, reference, vocab)
+    assert_same_tree(ours.params, theirs.params)
+    assert_same_tree(ours.opt_state, theirs.opt_state)
+    assert int(ours.step) == int(theirs.step)
+  a, b = read_metrics(tiny_config.workdir), read_metrics(reference.workdir)
+  columns = sorted(set(a.columns) - TIMING_KEYS)
+  pd.testing.assert_frame_equal(a[columns], b[columns])
+
+
+def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_path):
+  tiny_config.training.epochs = 3
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  train_lib.train_and_evaluate(reference)
+  df_ref = read_metrics(reference.workdir)
+  # The same run stopped after one epoch (the schedule pinned to the full run's length), then resumed.
+  tiny_config.training.num_steps = int(df_ref["global_step"].iloc[-1])
+  reference_summary = json.load(open(os.path.join(reference.workdir, "test_metrics.json")))
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  tiny_config.training.epochs = 3
+  summary = train_lib.train_and_evaluate(tiny_config)
+  df = read_metrics(tiny_config.workdir)
+  columns = sorted(set(df.columns) - TIMING_KEYS)
+  pd.testing.assert_frame_equal(df[columns], df_ref[columns])
+  assert summary["test_loss"] == reference_summary["test_loss"]
+
+
+def test_cli_overrides_reach_the_run_and_inspect_reports_it(tiny_config, tmp_path):
+  process = run_cli(cli_overrides(tiny_config) + ["--config.model.d_model=48", "--config.model.num_heads=3",
+                                                  "--config.training.epochs=1"], cwd=tmp_path)
+  text = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, text
+  with open(os.path.join(tiny_config.workdir, "config.json")) as f:
+    written = json.load(f)
+  assert written["model"]["d_model"] == 48 and written["model"]["num_heads"] == 3
+  assert written["training"]["epochs"] == 1
+  assert read_metrics(tiny_config.workdir)["epoch"].tolist() == [1]
+  assert "d_model: 48" in text  # the config is printed
+  inspected = subprocess.run([sys.executable, "-m", "jaxlm.inspect", tiny_config.workdir], cwd=tmp_path,
+                             env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  params = int(re.search(r"^model: ([\d,]+) parameters", text, re.M).group(1).replace(",", ""))
+  assert inspected.returncode == 0 and f"{params:,} parameters" in inspected.stdout
+  assert "last: epoch 1" in inspected.stdout and "best: epoch 1" in inspected.stdout
+
+
+def test_bad_config_on_the_command_line_is_one_clear_error(tiny_config, tmp_path):
+  process = run_cli(cli_overrides(tiny_config) + ["--config.model.d_model=33"], cwd=tmp_path)
+  text = process.communicate(timeout=120)[0]
+  assert process.returncode == 1
+  assert text.strip().splitlines()[-1] == ("error: config key 'model.d_model' = 33 must be divisible by "
+                                           "'model.num_heads' = 2")
+  assert not os.path.exists(tiny_config.workdir)
+
+
+def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_config):
+  tiny_config.training.epochs = 1
+  tiny_config.training.num_steps = 1000
+  train_lib.train_and_evaluate(tiny_config)
+  before = read_metrics(tiny_config.workdir)
+  tiny_config.training.epochs = 2
+  tiny_config.training.learning_rate = 1e30  # diverges within a few steps
+  with pytest.raises(train_lib.TrainingError, match=r"the training loss became (nan|inf).*checkpoints .* are intact"):
+    train_lib.train_and_evaluate(tiny_config)
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
+  assert checkpoints.restore_meta("last")["epoch"] == 1
+  checkpoints.close()
+  pd.testing.assert_frame_equal(read_metrics(tiny_config.workdir), before)
+
+
+def test_damaged_checkpoint_is_one_clear_error(tiny_config):
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  last = os.path.join(tiny_config.workdir, "checkpoints", "last")
+  step_dir = os.path.join(last, os.listdir(last)[0])
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"cannot be read .* Move it out of the way"):
+    train_lib.train_and_evaluate(tiny_config)
+  assert os.path.isdir(step_dir)  # nothing deleted
+
+
+def test_incompatible_config_refuses_to_resume_and_fresh_keeps_the_old_run(tiny_config):
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  tiny_config.model.d_model = 64
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"model.d_model 32 -> 64"):
+    train_lib.train_and_evaluate(tiny_config)
+  summary = train_lib.train_and_evaluate(tiny_config, fresh=True)
+  parent = os.path.dirname(tiny_config.workdir)
+  aside = [d for d in os.listdir(parent) if d.startswith("run.old-")]
+  assert len(aside) == 1
+  assert os.path.isfile(os.path.join(parent, aside[0], "metrics.jsonl"))
+  assert summary["epochs"] == 1 and len(read_metrics(tiny_config.workdir)) == 1
+  shutil.rmtree(os.path.join(parent, aside[0]))
