@@ -33,6 +33,8 @@ def main(argv):
   except train.Interrupted as e:
     print(f"{e}; the checkpoint `last` holds it. Re-run the same command to resume.", flush=True)
     raise SystemExit(128 + e.signum) from None
+  except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+    raise SystemExit("interrupted; checkpoints already written are intact") from None
 
 
 if __name__ == "__main__":
