@@ -10,6 +10,7 @@ temporary folder and renames it when complete: a crash mid-save leaves the previ
 """
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -34,10 +35,18 @@ class Checkpoints:
     """The step of the `name` checkpoint, or None when there is none."""
     return self._managers[name].latest_step()
 
-  def save(self, name: str, state, meta: dict) -> None:
-    """Saves in the background; the next save or `close` waits for it."""
-    self._managers[name].save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  def save(self, name: str, state, meta: dict, wait: bool = False) -> bool:
+    """Saves in the background (the next save or `close` waits for it), or before returning with
+    `wait`. False, saving nothing, when `name` already holds this step."""
+    manager, step = self._managers[name], int(state.step)
+    if manager.latest_step() == step:
+      return False
+    if not manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta))):
+      raise CheckpointError(f"orbax did not save step {step} in {self.directory}/{name}")
+    if wait:
+      manager.wait_until_finished()
+    return True
 
   def restore(self, name: str, target) -> tuple:
     """(state shaped and placed like `target`, meta) of the `name` checkpoint."""
@@ -63,7 +72,6 @@ class Checkpoints:
       tree = self._managers[name].item_metadata(step).state["params"]
     except Exception as e:
       raise self._unreadable(name, step, e) from None
-    import jax
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
   def close(self) -> None:

@@ -77,11 +77,12 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 }
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flatten(config, prefix: str = "") -> dict[str, Any]:
+  """{"group.key": value} of a ConfigDict or of its to_dict()."""
   flat = {}
   for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -89,7 +90,7 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, A
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError, naming the key, for the first value that cannot work."""
-  flat = _flatten(config)
+  flat = flatten(config)
   for key in flat:
     if key not in SCHEMA:
       raise ConfigError(f"config key '{key}' is unknown (a typo? see configs/base.py for the keys)")
@@ -148,6 +149,12 @@ def select_device(config: ml_collections.ConfigDict) -> jax.Device:
 
 
 def compute_dtype(config: ml_collections.ConfigDict, device: jax.Device) -> jnp.dtype:
+  """model.dtype on `device` (auto: bfloat16 on GPU/TPU, float32 on CPU)."""
   if config.model.dtype == "auto":
-    return jnp.float32 if device.platform == "cpu" else jnp.bfloat16
-  return jnp.dtype(config.model.dtype)
+    dtype = jnp.dtype(jnp.float32 if device.platform == "cpu" else jnp.bfloat16)
+  else:
+    dtype = jnp.dtype(config.model.dtype)
+  if config.model.attention == "cudnn" and (device.platform != "gpu" or dtype != jnp.bfloat16):
+    raise ConfigError(f"config key 'model.attention' = 'cudnn' needs an NVIDIA GPU computing in bfloat16 "
+                      f"(here: {device.platform}, {dtype.name}). Use --config.model.attention=auto.")
+  return dtype

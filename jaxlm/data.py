@@ -35,6 +35,7 @@ TEXT_FILES = {
     "validation": ("validation.txt", "valid.txt", "wiki.valid.raw"),
     "test": ("test.txt", "wiki.test.raw"),
 }
+# Parquet shards per split: <prefix>-*.parquet (the hub's train-00000-of-00001.parquet) or <prefix>.parquet.
 PARQUET_PREFIXES = {"train": ("train",), "validation": ("validation", "valid"), "test": ("test",)}
 SPECIAL_TOKENS = ["<|endoftext|>"]
 CACHE_FORMAT = 1  # bump when the cache layout or tokenization changes
@@ -58,26 +59,28 @@ class Corpus:
 
 
 # ------------------------------------------------------------------------------------------- sources
-def _find_local_files(data_dir: str) -> tuple[str, dict[str, str]]:
-  """('text' | 'parquet', {split: path}) of the files in data_dir."""
+def _find_local_files(data_dir: str) -> tuple[str, dict[str, list[str]]]:
+  """('text' | 'parquet', {split: its files}) in data_dir; a parquet split may have several shards."""
   if not os.path.isdir(data_dir):
     raise DataError(f"data.data_dir '{data_dir}' is not a directory. Point --config.data.data_dir at "
                     "a folder holding train/validation/test text or parquet files.")
-  text = {}
-  for split, names in TEXT_FILES.items():
-    found = [os.path.join(data_dir, n) for n in names if os.path.isfile(os.path.join(data_dir, n))]
-    if found:
-      text[split] = found[0]
-  if len(text) == len(SPLITS):
-    return "text", text
-  parquet = {}
-  for split, prefixes in PARQUET_PREFIXES.items():
-    found = sorted(f for p in prefixes for f in glob.glob(os.path.join(data_dir, f"{p}*.parquet")))
-    if found:
-      parquet[split] = found[0]
-  if len(parquet) == len(SPLITS):
-    return "parquet", parquet
-  wanted = "; ".join(f"{s}: {' or '.join(TEXT_FILES[s])} or {PARQUET_PREFIXES[s][0]}*.parquet" for s in SPLITS)
+  text, parquet = {}, {}
+  for split in SPLITS:
+    names = [n for n in TEXT_FILES[split] if os.path.isfile(os.path.join(data_dir, n))]
+    if names:
+      text[split] = [os.path.join(data_dir, names[0])]
+    shards = sorted({f for p in PARQUET_PREFIXES[split]
+                     for f in glob.glob(os.path.join(data_dir, f"{p}-*.parquet")) +
+                     glob.glob(os.path.join(data_dir, f"{p}.parquet"))})
+    if shards:
+      parquet[split] = shards
+  for kind, files in (("text", text), ("parquet", parquet)):
+    if len(files) == len(SPLITS):
+      empty = [f for paths in files.values() for f in paths if os.path.getsize(f) == 0]
+      if empty:
+        raise DataError(f"{', '.join(empty)} is empty: every split needs text.")
+      return kind, files
+  wanted = "; ".join(f"{s}: {' or '.join(TEXT_FILES[s])} or {PARQUET_PREFIXES[s][0]}-*.parquet" for s in SPLITS)
   raise DataError(f"data.data_dir '{data_dir}' lacks some splits (found {sorted(set(text) | set(parquet))}). "
                   f"Expected one file per split: {wanted}.")
 
@@ -95,8 +98,8 @@ def _source_spec(config: ml_collections.ConfigDict) -> dict:
   d = config.data
   if d.data_dir:
     fmt, files = _find_local_files(d.data_dir)
-    return {"kind": fmt, "files": {s: {"name": os.path.basename(p), "sha256": _file_sha256(p)}
-                                   for s, p in files.items()}, "dir": os.path.abspath(d.data_dir)}
+    return {"kind": fmt, "files": {s: [{"name": os.path.basename(p), "sha256": _file_sha256(p)} for p in paths]
+                                   for s, paths in files.items()}, "dir": os.path.abspath(d.data_dir)}
   return {"kind": "hub", "name": d.dataset_name, "config": d.dataset_config}
 
 
@@ -130,14 +133,17 @@ def _load_rows(config: ml_collections.ConfigDict, source: dict) -> dict[str, lis
     if missing:
       raise DataError(f"hub dataset '{d.dataset_name}/{d.dataset_config}' has no split(s) {missing}")
     return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in SPLITS}
-  files = {s: os.path.join(d.data_dir, source["files"][s]["name"]) for s in SPLITS}
-  if source["kind"] == "text":
-    dsd = datasets.load_dataset("text", data_files=files, cache_dir=d.raw_dir, keep_linebreaks=False)
-    return {s: list(dsd[s]["text"]) for s in SPLITS}
-  dsd = datasets.load_dataset("parquet", data_files=files, cache_dir=d.raw_dir)
+  files = {s: [os.path.join(d.data_dir, f["name"]) for f in source["files"][s]] for s in SPLITS}
+  try:
+    if source["kind"] == "text":
+      dsd = datasets.load_dataset("text", data_files=files, cache_dir=d.raw_dir, keep_linebreaks=False)
+      return {s: list(dsd[s]["text"]) for s in SPLITS}
+    dsd = datasets.load_dataset("parquet", data_files=files, cache_dir=d.raw_dir)
+  except Exception as e:  # unreadable or malformed files
+    raise DataError(f"could not read the files in {d.data_dir} ({type(e).__name__}: {str(e)[:300]})") from None
   for s in SPLITS:
     if "text" not in dsd[s].column_names:
-      raise DataError(f"{files[s]} has no 'text' column (columns: {dsd[s].column_names})")
+      raise DataError(f"{files[s][0]} has no 'text' column (columns: {dsd[s].column_names})")
   return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in SPLITS}
 
 
@@ -242,6 +248,7 @@ def _prepare(config, source: dict, tok_spec: dict, path: str, verbose: bool) -> 
   log(f"encoded {sum(v['tokens'] for v in splits.values()):,} tokens in {time.perf_counter() - t_tok:.1f}s")
 
   os.makedirs(config.data.processed_dir, exist_ok=True)
+  _remove_stale_temporaries(config.data.processed_dir)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=config.data.processed_dir)
   try:
     for s in SPLITS:
@@ -261,6 +268,13 @@ def _prepare(config, source: dict, tok_spec: dict, path: str, verbose: bool) -> 
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(processed_dir: str, age_s: float = 3600) -> None:
+  """Removes what a preparation killed mid-write left (an hour old: not another run's, in progress)."""
+  for tmp in glob.glob(os.path.join(processed_dir, ".tmp-*")):
+    if time.time() - os.path.getmtime(tmp) > age_s:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- batches

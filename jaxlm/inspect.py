@@ -6,18 +6,26 @@ from jaxlm import checkpoint
 
 def describe(workdir: str) -> str:
   checkpoints = checkpoint.Checkpoints(workdir, create=False)
-  lines = []
-  for name in checkpoint.NAMES:
-    if checkpoints.step(name) is None:
-      lines.append(f"{name}: none")
-      continue
-    meta = checkpoints.restore_meta(name)
-    lines.append(f"{name}: epoch {meta['epoch']}, step {meta['global_step']:,}, val loss "
-                 f"{meta.get('val_loss')}, best val loss {meta['best_val_loss']} (epoch {meta['best_epoch']}), "
-                 f"epochs without improvement {meta['bad_epochs']}, "
-                 f"{checkpoints.num_params(name):,} parameters")
-  checkpoints.close()
-  return f"{checkpoints.directory}\n" + "\n".join(lines)
+  try:
+    if all(checkpoints.step(name) is None for name in checkpoint.NAMES):
+      raise checkpoint.CheckpointError(f"no checkpoints in {checkpoints.directory}: is {workdir} a run's "
+                                       "work directory (config.workdir)?")
+    lines = [checkpoints.directory]
+    for name in checkpoint.NAMES:
+      if checkpoints.step(name) is None:
+        lines.append(f"{name}: none")
+        continue
+      meta = checkpoints.restore_meta(name)
+      where = (f"after epoch {meta['epoch']}" if "val_loss" in meta else
+               f"interrupted in epoch {meta['epoch'] + 1}")  # a mid-epoch save has no validation yet
+      val = f"val loss {meta['val_loss']:.4f}, " if "val_loss" in meta else ""
+      best = (f"best val loss {meta['best_val_loss']:.4f} (epoch {meta['best_epoch']})"
+              if meta["best_val_loss"] is not None else "no validation yet")
+      lines.append(f"{name}: {where}, step {meta['global_step']:,}, {val}{best}, epochs without "
+                   f"improvement {meta['bad_epochs']}, {checkpoints.num_params(name):,} parameters")
+    return "\n".join(lines)
+  finally:
+    checkpoints.close()
 
 
 if __name__ == "__main__":

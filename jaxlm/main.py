@@ -2,8 +2,6 @@
 
 Parses the flags and calls `train.train_and_evaluate`; every setting lives in the config.
 """
-import signal
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -36,7 +36,7 @@ class JsonlWriter:
     self.path = path
     if os.path.exists(path):
       with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= keep_epochs_up_to]
+        kept = [line for line in f if _epoch_of(line) <= keep_epochs_up_to]
       tmp = path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(kept)
@@ -49,17 +49,21 @@ class JsonlWriter:
       os.fsync(f.fileno())
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _epoch_of(line: str) -> float:
+  """The epoch of a metrics.jsonl line; inf for a line cut off by a crash (so it is dropped)."""
+  try:
+    return json.loads(line)["epoch"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
 
 
 class TensorBoard:
-  """Scalars under <workdir>/tensorboard; on resume, TensorBoard drops what was logged past `step`."""
+  """Scalars under <workdir>/tensorboard. On resume from step S, TensorBoard hides what an earlier
+  process logged after S (work the resumed run redoes); what it logged up to S stays."""
 
   def __init__(self, logdir: str, resume_step: int):
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(logdir, purge_step=resume_step or None, flush_secs=30)
+    self.writer = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None, flush_secs=30)
 
   def scalars(self, step: int, values: dict, prefix: str) -> None:
     for name, value in values.items():

@@ -1,6 +1,6 @@
 """Training: the optimizer, the TrainState, the jitted train/eval steps and the epoch loop.
 
-`train_and_evaluate(config, workdir)` is the whole run behind `python -m jaxlm.main`: for each epoch
+`train_and_evaluate(config)` is the whole run behind `python -m jaxlm.main`: for each epoch
 train over every batch, validate over the whole validation split, log, checkpoint (`last` every
 epoch, `best` on improvement) and check early stopping; at the end evaluate `best` on the test split.
 Re-running in a work directory with a `last` checkpoint resumes the same run exactly.
@@ -160,18 +160,11 @@ class LoopState:
 # Settings a resumed run must share with its checkpoint: they shape the state or the data order.
 _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
                "model.max_seq_length", "model.tie_embeddings", "model.param_dtype", "training.batch_size",
-               "training.seed")
+               "training.seed", "training.decay_all_params")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
-def _check_resumable(config, meta: dict, data_name: str, where: str) -> None:
-  old, new = _flat(meta["config"]), _flat(config.to_dict())
+def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:
+  old, new = config_lib.flatten(meta["config"]), config_lib.flatten(config)
   clash = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in _MUST_MATCH if old.get(k) != new[k]]
   if meta["data"] != data_name:
     clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}")
@@ -183,14 +176,18 @@ def _check_resumable(config, meta: dict, data_name: str, where: str) -> None:
   changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v and k != "workdir"]
   if changed:
     print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
+  if meta["num_steps"] != num_steps:
+    print(f"WARNING: the learning-rate schedule now spans {num_steps:,} steps instead of "
+          f"{meta['num_steps']:,}: the rate jumps to the new curve at step {int(meta['global_step']):,}. "
+          f"Keep it with --config.training.num_steps={meta['num_steps']}.", flush=True)
 
 
-def _resume(checkpoints, state: TrainState, config, data_name: str, workdir: str):
+def _resume(checkpoints, state: TrainState, config, data_name: str, num_steps: int, workdir: str):
   """(state, LoopState) from `last` when there is one, else the fresh ones."""
   if checkpoints.step("last") is None:
     return state, LoopState()
   meta = checkpoints.restore_meta("last")
-  _check_resumable(config, meta, data_name, workdir)
+  _check_resumable(config, meta, data_name, num_steps, workdir)
   state, meta = checkpoints.restore("last", state)
   loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState)})
   print(f"resuming from {checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
@@ -247,11 +244,11 @@ def _split_sequences(config, corpus: data_lib.Corpus) -> dict[str, np.ndarray]:
   return seqs
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None,
-                       fresh: bool = False) -> dict:
-  """Trains, validates, checkpoints and tests as `config` says; returns the run's summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
+  """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
+  summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
   config_lib.validate(config)
-  workdir = workdir or config.workdir
+  workdir = config.workdir
   device = config_lib.select_device(config)
   dtype = config_lib.compute_dtype(config, device)
   corpus = data_lib.load(config, verbose=True)
@@ -281,14 +278,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if fresh:
     _move_aside(workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   train_fn = jax.jit(functools.partial(train_step, learning_rate_fn=schedule), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, apply_fn=model.apply))
 
   with contextlib.ExitStack() as stack:
     checkpoints = checkpoint_lib.Checkpoints(workdir)
     stack.callback(checkpoints.close)  # waits for a save in flight
-    state, loop = _resume(checkpoints, state, config, data_name, workdir)
+    state, loop = _resume(checkpoints, state, config, data_name, num_steps, workdir)
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
     step = int(state.step)
     jsonl = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_epochs_up_to=loop.epoch)
     tb = metrics_lib.TensorBoard(os.path.join(workdir, "tensorboard"), resume_step=step)
@@ -297,9 +294,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     stop = stack.enter_context(_StopRequest())
     stack.enter_context(jax.default_device(device))
 
-    def save(name: str, **extra) -> None:
-      checkpoints.save(name, state, {**dataclasses.asdict(loop), "global_step": step,
-                                     "config": config.to_dict(), "data": data_name, **extra})
+    def save(name: str, wait: bool = False, **extra) -> None:
+      meta = {**dataclasses.asdict(loop), "global_step": step, "num_steps": num_steps,
+              "config": config.to_dict(), "data": data_name, **extra}
+      # Only `best` can meet its own step again: a run that died between saving `best` and `last`
+      # redoes the epoch and reaches the same state, already saved.
+      if not checkpoints.save(name, state, meta, wait=wait) and name == "last":
+        raise checkpoint_lib.CheckpointError(f"`last` already holds step {step} in {checkpoints.directory}")
 
     compiled = False  # the first step in this process compiles: kept out of the throughput figures
     if loop.bad_epochs >= t.patience or loop.epoch >= t.epochs:
@@ -312,12 +313,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         state, step_metrics = train_fn(state, tokens)
         pending.append(step_metrics)
         step, steps_run = step + 1, steps_run + 1
+        signum = stop.signum  # read once: a signal may land at any moment
+        end_of_epoch = step == epoch * steps_per_epoch
         if not compiled:
           jax.block_until_ready(state)
           compile_s, compiled = time.perf_counter() - t_epoch, True
           print(f"compiled and ran the first train step in {compile_s:.1f}s", flush=True)
           progress.reset(step)
-        if step % t.log_every_steps == 0 or step == epoch * steps_per_epoch or stop.signum:
+        if step % t.log_every_steps == 0 or end_of_epoch or signum:
           # Read the metrics of the last steps at once: the device runs ahead in between.
           host = jax.device_get(pending)
           pending = []
@@ -333,13 +336,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
           loop.train_steps += len(losses)
           means = {k: float(np.mean([m[k] for m in host])) for k in ("loss", "grad_norm")}
           means["learning_rate"] = float(host[-1]["learning_rate"])
-          tb.scalars(step, {**means, **progress.rates(step)}, "train")
+          if not signum:  # a stop's partial interval: the resumed run logs it at the interval's end
+            tb.scalars(step, {**means, **progress.rates(step)}, "train")
           if step % t.log_every_steps == 0:
             print(progress.line(epoch, t.epochs, step, means["loss"], means["learning_rate"],
                                 epoch * steps_per_epoch - step), flush=True)
-        if stop.signum:
+        if signum and not end_of_epoch:  # at an epoch's end, validate and save as usual first
           save("last")
-          raise Interrupted(stop.signum, step)
+          raise Interrupted(signum, step)
       train_s = time.perf_counter() - t_epoch - compile_s
 
       val = evaluate(eval_fn, state.params, seqs["validation"], t.eval_batch_size, split_bytes["validation"])
@@ -349,22 +353,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       train_loss = loop.train_loss_sum / loop.train_steps
       loop.epoch, loop.train_loss_sum, loop.train_steps = epoch, 0.0, 0
       improved = loop.improve(val["loss"])
-      tokens_per_s = steps_run * B * L / max(train_s, 1e-9)
+      tokens_per_s = steps_run * B * L / train_s if steps_run else None
       record = {"epoch": epoch, "global_step": step, "train_loss": train_loss, "val_loss": val["loss"],
                 "val_perplexity": val["perplexity"], "val_bpb": val["bpb"],
-                "learning_rate": float(schedule(step)), "epoch_time_s": time.perf_counter() - t_epoch,
-                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak if peak else None,
+                "learning_rate": float(schedule(step - 1)),  # of the epoch's last update
+                "epoch_time_s": time.perf_counter() - t_epoch, "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * flops_per_token / peak if peak and tokens_per_s else None,
                 "best_val_loss": loop.best_val_loss, "improved": improved}
       jsonl.write(record)
       tb.scalars(step, {k: val[k] for k in ("loss", "perplexity", "bpb")}, "val")
-      save("last", val_loss=val["loss"])
+      # `best` first, complete before `last` starts: if the process dies between the two, `last` is
+      # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved.
       if improved:
-        save("best", val_loss=val["loss"])
+        save("best", wait=True, val_loss=val["loss"])
+      save("last", val_loss=val["loss"])
       verdict = (" | best, saved" if improved else
                  f" | no improvement ({loop.bad_epochs}/{t.patience} epochs of patience)")
       print(f"epoch {epoch}/{t.epochs} | step {step:,} | train loss {train_loss:.4f} | val loss "
             f"{val['loss']:.4f} | val ppl {val['perplexity']:.2f} | val bpb {val['bpb']:.4f} | "
-            f"{tokens_per_s:,.0f} tok/s | {record['epoch_time_s']:.0f}s{verdict}", flush=True)
+            f"{tokens_per_s or 0:,.0f} tok/s | {record['epoch_time_s']:.0f}s{verdict}", flush=True)
       if loop.bad_epochs >= t.patience:
         print(f"early stopping: no better validation loss for {t.patience} epochs", flush=True)
       if stop.signum:  # arrived during evaluation or saving: `last` is already this epoch's

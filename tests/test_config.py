@@ -133,3 +133,16 @@ def test_device_choice():
       c.device = name
       with pytest.raises(config_lib.ConfigError, match="no gpu backend"):
         config_lib.select_device(c)
+
+
+def test_compute_dtype_and_cudnn_attention_need_the_right_device():
+  import jax
+  import jax.numpy as jnp
+  c = load_config()
+  cpu = jax.devices("cpu")[0]
+  assert config_lib.compute_dtype(c, cpu) == jnp.float32  # auto: float32 on a CPU
+  c.model.dtype = "bfloat16"
+  assert config_lib.compute_dtype(c, cpu) == jnp.bfloat16
+  c.model.attention = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match="'model.attention' = 'cudnn' needs an NVIDIA GPU"):
+    config_lib.compute_dtype(c, cpu)

@@ -98,17 +98,36 @@ def test_parquet_and_raw_names_give_the_same_tokens(tiny_config, tmp_path):
   rows_by_split = write_corpus(tmp_path / "raw", names=("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"))
   tiny_config.data.data_dir = str(tmp_path / "raw")
   from_raw = data_lib.load(tiny_config)
-  # The hub's parquet rows: "" for a blank row, others keep their "\n".
+  # The hub's parquet rows: "" for a blank row, others keep their "\n". Train in two shards.
   os.makedirs(tmp_path / "parquet")
   for split, rows in zip(("train", "validation", "test"), rows_by_split):
     hub_rows = ["" if not r.strip() else r + "\n" for r in rows]
-    pd.DataFrame({"text": hub_rows}).to_parquet(tmp_path / "parquet" / f"{split}-00000-of-00001.parquet")
+    shards = [hub_rows[:len(hub_rows) // 2], hub_rows[len(hub_rows) // 2:]] if split == "train" else [hub_rows]
+    for i, shard in enumerate(shards):
+      name = f"{split}-{i:05d}-of-{len(shards):05d}.parquet"
+      pd.DataFrame({"text": shard}).to_parquet(tmp_path / "parquet" / name)
   tiny_config.data.data_dir = str(tmp_path / "parquet")
   from_parquet = data_lib.load(tiny_config)
   assert from_parquet.meta["source"]["kind"] == "parquet" and from_raw.meta["source"]["kind"] == "text"
   for split in data_lib.SPLITS:
     assert np.array_equal(from_text.tokens[split], from_raw.tokens[split])
     assert np.array_equal(from_text.tokens[split], from_parquet.tokens[split])
+
+
+def test_empty_split_is_a_clear_error(tiny_config, corpus_dir):
+  open(os.path.join(corpus_dir, "validation.txt"), "w").close()
+  with pytest.raises(data_lib.DataError, match="validation.txt is empty"):
+    data_lib.load(tiny_config)
+
+
+def test_stale_temporary_folders_are_removed(tiny_config):
+  stale = os.path.join(tiny_config.data.processed_dir, ".tmp-killed")
+  fresh = os.path.join(tiny_config.data.processed_dir, ".tmp-in-progress")
+  for folder in (stale, fresh):
+    os.makedirs(folder)
+  os.utime(stale, (0, 0))  # left by a preparation killed long ago
+  data_lib.load(tiny_config)
+  assert not os.path.exists(stale) and os.path.exists(fresh)
 
 
 def test_missing_split_and_missing_dir_are_clear_errors(tiny_config, corpus_dir):

@@ -88,7 +88,7 @@ def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f) == tiny_config.to_dict()
   report = inspect_lib.describe(workdir)
-  assert f"last: epoch 2, step {2 * steps_per_epoch:,}" in report
+  assert f"last: after epoch 2, step {2 * steps_per_epoch:,}" in report
   assert f"{summary['num_params']:,} parameters" in report
 
   # Re-running a finished run resumes, finds nothing to do and tests again.
@@ -132,8 +132,8 @@ def cli_overrides(config):
 
 
 def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
-  """SIGINT mid-run through the CLI, then the same command again: the final parameters, optimizer
-  state and metrics equal those of an uninterrupted run."""
+  """SIGTERM (a cluster's preemption) mid-run through the CLI, then the same command again: the
+  final parameters, optimizer state, metrics and TensorBoard curves equal an uninterrupted run's."""
   write_corpus(tiny_config.data.data_dir, articles=(120, 3, 3))  # long enough epochs to interrupt
   tiny_config.training.epochs = 2
   tiny_config.training.log_every_steps = 5
@@ -147,12 +147,12 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
   for line in process.stdout:
     output.append(line)
     if line.startswith("epoch 1/2 step "):  # the first progress line: training is under way
-      process.send_signal(signal.SIGINT)
+      process.send_signal(signal.SIGTERM)
       break
   output += process.stdout.readlines()
-  assert process.wait(timeout=120) == 128 + signal.SIGINT, "".join(output)
+  assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)
   text = "".join(output)
-  assert "SIGINT: stopping after this step and saving a checkpoint" in text
+  assert "SIGTERM: stopping after this step and saving a checkpoint" in text
   assert "Re-run the same command to resume" in text and "Traceback" not in text
   checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
   interrupted_at = checkpoints.step("last")
@@ -173,9 +173,83 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
   a, b = read_metrics(tiny_config.workdir), read_metrics(reference.workdir)
   columns = sorted(set(a.columns) - TIMING_KEYS)
   pd.testing.assert_frame_equal(a[columns], b[columns])
+  ours, theirs = scalars(tiny_config.workdir), scalars(reference.workdir)
+  for tag in ("val/loss", "val/bpb", "train/learning_rate", "test/loss"):
+    assert ours[tag] == theirs[tag], tag  # every point, once, with the same values
+  # Training loss is a mean over each logging interval: the interrupted one averages fewer steps.
+  assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
 
 
-def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_path):
+def scalars(workdir) -> dict:
+  """{tag: [(step, value), ...]} as TensorBoard shows them (purged points left out)."""
+  events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def interrupt_after(monkeypatch, global_step):
+  """Sends this process SIGINT while the run makes step `global_step` (as Ctrl-C would)."""
+  real = data_lib.train_batches
+
+  def batches(seqs, batch_size, seed, epoch, start=0):
+    steps_per_epoch = data_lib.steps_per_epoch(len(seqs), batch_size)
+    for i, batch in enumerate(real(seqs, batch_size, seed, epoch, start), start):
+      if (epoch - 1) * steps_per_epoch + i + 1 == global_step:
+        signal.raise_signal(signal.SIGINT)
+      yield batch
+
+  monkeypatch.setattr(data_lib, "train_batches", batches)
+
+
+def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tmp_path, monkeypatch, capsys):
+  tiny_config.training.epochs = 2
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  reference_summary = train_lib.train_and_evaluate(reference)
+  steps_per_epoch = int(read_metrics(reference.workdir)["global_step"][0])
+  # Mid-epoch, an epoch's last step, the step after it, the run's last step.
+  for at in (7, steps_per_epoch, steps_per_epoch + 1, 2 * steps_per_epoch):
+    tiny_config.workdir = str(tmp_path / f"interrupted_at_{at}")
+    interrupt_after(monkeypatch, at)
+    with pytest.raises(train_lib.Interrupted, match=f"SIGINT at step {at}"):
+      train_lib.train_and_evaluate(tiny_config)
+    monkeypatch.undo()
+    assert checkpoint_lib.Checkpoints(tiny_config.workdir, create=False).step("last") == at
+    assert train_lib.train_and_evaluate(tiny_config) == reference_summary
+    vocab = data_lib.load(tiny_config).vocab_size
+    for name in ("last", "best"):
+      ours, ours_meta = restore(tiny_config.workdir, name, tiny_config, vocab)
+      theirs, theirs_meta = restore(reference.workdir, name, reference, vocab)
+      assert_same_tree(ours.params, theirs.params)
+      assert ours_meta["epoch"] == theirs_meta["epoch"] and ours_meta["best_val_loss"] == theirs_meta["best_val_loss"]
+    a, b = read_metrics(tiny_config.workdir), read_metrics(reference.workdir)
+    columns = sorted(set(a.columns) - TIMING_KEYS)
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+    assert scalars(tiny_config.workdir)["val/loss"] == scalars(reference.workdir)["val/loss"]
+
+
+def test_crash_between_saving_best_and_last_resumes_correctly(tiny_config, tmp_path):
+  """The process died after epoch 2's `best` was written but before its `last`: the resumed run
+  redoes epoch 2 and ends as the uninterrupted run."""
+  tiny_config.training.epochs = 2
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  reference_summary = train_lib.train_and_evaluate(reference)
+  tiny_config.training.num_steps = int(read_metrics(reference.workdir)["global_step"].iloc[-1])
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  best_dir = os.path.join(reference.workdir, "checkpoints", "best")
+  (step,) = os.listdir(best_dir)
+  shutil.copytree(os.path.join(best_dir, step), os.path.join(tiny_config.workdir, "checkpoints", "best", step))
+  tiny_config.training.epochs = 2
+  assert train_lib.train_and_evaluate(tiny_config)["test_loss"] == reference_summary["test_loss"]
+  vocab = data_lib.load(tiny_config).vocab_size
+  ours, _ = restore(tiny_config.workdir, "last", tiny_config, vocab)
+  theirs, _ = restore(reference.workdir, "last", reference, vocab)
+  assert_same_tree(ours.params, theirs.params)
+
+
+def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_path, capsys):
   tiny_config.training.epochs = 3
   reference = tiny_config.copy_and_resolve_references()
   reference.workdir = str(tmp_path / "uninterrupted")
@@ -188,10 +262,22 @@ def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_pat
   train_lib.train_and_evaluate(tiny_config)
   tiny_config.training.epochs = 3
   summary = train_lib.train_and_evaluate(tiny_config)
+  assert "resuming with changed settings: training.epochs 1 -> 3" in capsys.readouterr().out
   df = read_metrics(tiny_config.workdir)
   columns = sorted(set(df.columns) - TIMING_KEYS)
   pd.testing.assert_frame_equal(df[columns], df_ref[columns])
   assert summary["test_loss"] == reference_summary["test_loss"]
+
+
+def test_more_epochs_on_resume_warns_that_the_schedule_changes(tiny_config, capsys):
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  steps_per_epoch = int(read_metrics(tiny_config.workdir)["global_step"][0])
+  tiny_config.training.epochs = 2
+  capsys.readouterr()
+  train_lib.train_and_evaluate(tiny_config)
+  assert (f"the learning-rate schedule now spans {2 * steps_per_epoch:,} steps instead of "
+          f"{steps_per_epoch:,}") in capsys.readouterr().out
 
 
 def test_cli_overrides_reach_the_run_and_inspect_reports_it(tiny_config, tmp_path):
@@ -209,7 +295,10 @@ def test_cli_overrides_reach_the_run_and_inspect_reports_it(tiny_config, tmp_pat
                              env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
   params = int(re.search(r"^model: ([\d,]+) parameters", text, re.M).group(1).replace(",", ""))
   assert inspected.returncode == 0 and f"{params:,} parameters" in inspected.stdout
-  assert "last: epoch 1" in inspected.stdout and "best: epoch 1" in inspected.stdout
+  assert "last: after epoch 1" in inspected.stdout and "best: after epoch 1" in inspected.stdout
+  missing = subprocess.run([sys.executable, "-m", "jaxlm.inspect", str(tmp_path / "nowhere")], cwd=tmp_path,
+                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  assert missing.returncode == 1 and missing.stderr.startswith("error: no checkpoints in")
 
 
 def test_bad_config_on_the_command_line_is_one_clear_error(tiny_config, tmp_path):
@@ -254,8 +343,12 @@ def test_incompatible_config_refuses_to_resume_and_fresh_keeps_the_old_run(tiny_
   tiny_config.training.epochs = 1
   train_lib.train_and_evaluate(tiny_config)
   tiny_config.model.d_model = 64
+  with open(os.path.join(tiny_config.workdir, "config.json")) as f:
+    written = f.read()
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"model.d_model 32 -> 64"):
     train_lib.train_and_evaluate(tiny_config)
+  with open(os.path.join(tiny_config.workdir, "config.json")) as f:
+    assert f.read() == written  # the refused config is not recorded as the run's
   summary = train_lib.train_and_evaluate(tiny_config, fresh=True)
   parent = os.path.dirname(tiny_config.workdir)
   aside = [d for d in os.listdir(parent) if d.startswith("run.old-")]
