@@ -23,6 +23,12 @@ _WORDS = ("the of and in to a was is for as on with by he that at from his it an
           "called known built named written recorded won lost moved served").split()
 
 
+def subprocess_env(**extra) -> dict:
+  """This process's environment for a `python -m jaxlm...` child, with the checkout importable."""
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def load_config(variant: str = ""):
   spec = importlib.util.spec_from_file_location("jaxlm_test_base_config", BASE_CONFIG)
   module = importlib.util.module_from_spec(spec)

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from jaxlm import data as data_lib
 
-from conftest import BASE_CONFIG, ROOT, SHARED_DATA, write_corpus
+from conftest import BASE_CONFIG, SHARED_DATA, subprocess_env, write_corpus
 
 
 def cache_folders(config):
@@ -140,7 +140,7 @@ def test_missing_split_and_missing_dir_are_clear_errors(tiny_config, corpus_dir)
 
 
 def test_offline_without_local_copy_says_how_to_use_a_local_directory(tmp_path):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
+  env = subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   result = subprocess.run(
       [sys.executable, "-m", "jaxlm.data", f"--config={BASE_CONFIG}",
        f"--config.data.raw_dir={tmp_path / 'raw'}", f"--config.data.processed_dir={tmp_path / 'processed'}"],
@@ -157,7 +157,7 @@ def test_prepare_command_prints_what_it_did(tmp_path, corpus_dir):
   result = subprocess.run(
       [sys.executable, "-m", "jaxlm.data", f"--config={BASE_CONFIG}:tiny", f"--config.data.data_dir={corpus_dir}",
        f"--config.data.raw_dir={tmp_path / 'raw'}", f"--config.data.processed_dir={tmp_path / 'processed'}"],
-      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+      cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   for expected in ("rows", "tokens", "bytes", "vocab", "processed", "sequences of 32"):
     assert expected in result.stdout

@@ -19,7 +19,7 @@ from jaxlm import inspect as inspect_lib
 from jaxlm import model as model_lib
 from jaxlm import train as train_lib
 
-from conftest import BASE_CONFIG, ROOT, write_corpus
+from conftest import BASE_CONFIG, subprocess_env, write_corpus
 
 METRIC_KEYS = {"epoch", "global_step", "train_loss", "val_loss", "val_perplexity", "val_bpb", "learning_rate",
                "epoch_time_s", "tokens_per_s"}
@@ -120,7 +120,7 @@ def test_early_stopping_after_exactly_patience_epochs_and_best_only_on_improveme
 
 def run_cli(args, cwd, **kwargs):
   return subprocess.Popen([sys.executable, "-u", "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny", *args],
-                          cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                          cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -292,12 +292,12 @@ def test_cli_overrides_reach_the_run_and_inspect_reports_it(tiny_config, tmp_pat
   assert read_metrics(tiny_config.workdir)["epoch"].tolist() == [1]
   assert "d_model: 48" in text  # the config is printed
   inspected = subprocess.run([sys.executable, "-m", "jaxlm.inspect", tiny_config.workdir], cwd=tmp_path,
-                             env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+                             env=subprocess_env(), capture_output=True, text=True)
   params = int(re.search(r"^model: ([\d,]+) parameters", text, re.M).group(1).replace(",", ""))
   assert inspected.returncode == 0 and f"{params:,} parameters" in inspected.stdout
   assert "last: after epoch 1" in inspected.stdout and "best: after epoch 1" in inspected.stdout
   missing = subprocess.run([sys.executable, "-m", "jaxlm.inspect", str(tmp_path / "nowhere")], cwd=tmp_path,
-                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+                           env=subprocess_env(), capture_output=True, text=True)
   assert missing.returncode == 1 and missing.stderr.startswith("error: no checkpoints in")
 
 
