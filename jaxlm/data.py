@@ -175,8 +175,8 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
   """[vocab] UTF-8 bytes each token id stands for: exact for byte-level BPE (one char per byte),
   the decoded text's length otherwise."""
   from tokenizers import pre_tokenizers
-  byte_level = json.loads(tokenizer.to_str()).get("decoder", {}) or {}
-  byte_level = byte_level.get("type") == "ByteLevel"
+  decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+  byte_level = decoder.get("type") == "ByteLevel"
   alphabet = set(pre_tokenizers.ByteLevel.alphabet())
   added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
   lengths = np.zeros(tokenizer.get_vocab_size(), np.int64)
