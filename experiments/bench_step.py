@@ -77,7 +77,7 @@ def main(argv):
       params=model_lib.count_params(state.params), steps=_STEPS.value,
       ms_per_step=round(1000 * dt / _STEPS.value, 3), tokens_per_s=round(tokens_per_s, 1),
       model_tflops=round(tokens_per_s * flops / 1e12, 3),
-      mfu=round(tokens_per_s * flops / peak, 4) if peak else None,
+      mfu=round(metrics_lib.mfu(tokens_per_s, flops, peak), 4) if peak else None,
       spread=round((max(times) - min(times)) / dt, 3), first_steps_s=round(warmup_s, 2),
       final_loss=round(float(m["loss"]), 4), peak_mem_mb=round(peak_mem, 1),
       jax=jax.__version__, host=platform.node())), flush=True)

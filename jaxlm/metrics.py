@@ -17,6 +17,11 @@ def peak_flops(device: jax.Device, compute_dtype) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
 
 
+def mfu(tokens_per_s: float | None, flops_per_token: float, peak: float | None) -> float | None:
+  """Model FLOPs utilization: achieved model FLOP/s over the chip's peak (None when unknown)."""
+  return tokens_per_s * flops_per_token / peak if peak and tokens_per_s is not None else None
+
+
 def bits_per_byte(nats: float, num_bytes: int) -> float:
   return nats / (math.log(2) * num_bytes)
 
@@ -90,7 +95,7 @@ class Progress:
     elapsed = max(time.perf_counter() - self.t0, 1e-9)
     tokens_per_s = (step - self.step0) * self.tokens_per_step / elapsed
     return {"tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else None}
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak)}
 
   def line(self, epoch: int, epochs: int, step: int, loss: float, lr: float, steps_left_in_epoch: int) -> str:
     r = self.rates(step)

@@ -358,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
                 "val_perplexity": val["perplexity"], "val_bpb": val["bpb"],
                 "learning_rate": float(schedule(step - 1)),  # of the epoch's last update
                 "epoch_time_s": time.perf_counter() - t_epoch, "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * flops_per_token / peak if peak and tokens_per_s else None,
+                "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, peak),
                 "best_val_loss": loop.best_val_loss, "improved": improved}
       jsonl.write(record)
       tb.scalars(step, {k: val[k] for k in ("loss", "perplexity", "bpb")}, "val")

@@ -61,15 +61,12 @@ def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
   assert df["val_loss"][1] < df["val_loss"][0] < np.log(vocab)  # it learns
   assert (df["tokens_per_s"] > 0).all() and (df["val_bpb"] > 0).all()
 
-  events = EventAccumulator(os.path.join(workdir, "tensorboard"))
-  events.Reload()
-  tags = set(events.Tags()["scalars"])
+  events = scalars(workdir)
   assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "val/loss",
-          "val/perplexity", "val/bpb", "test/loss"} <= tags
-  val_losses = [e.value for e in events.Scalars("val/loss")]
-  np.testing.assert_allclose(val_losses, df["val_loss"], rtol=1e-6)
-  assert [e.step for e in events.Scalars("val/loss")] == df["global_step"].tolist()
-  train_steps = [e.step for e in events.Scalars("train/loss")]
+          "val/perplexity", "val/bpb", "test/loss"} <= set(events)
+  np.testing.assert_allclose([v for _, v in events["val/loss"]], df["val_loss"], rtol=1e-6)
+  assert [s for s, _ in events["val/loss"]] == df["global_step"].tolist()
+  train_steps = [s for s, _ in events["train/loss"]]
   assert train_steps[0] == tiny_config.training.log_every_steps and len(train_steps) >= 3
 
   last, last_meta = restore(workdir, "last", tiny_config, vocab)
