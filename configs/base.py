@@ -45,6 +45,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.dtype = "auto"
   model.param_dtype = "float32"
   model.attention = "auto"  # auto (XLA picks) | xla | cudnn (fused flash attention; GPU, bf16)
+  model.activation = "gelu"  # gelu (exact, as the guide) | gelu_tanh (GPT-2's approximation)
+  # Start from a Hugging Face GPT-2 checkpoint (a directory with config.json, model.safetensors and
+  # tokenizer.json) instead of random weights: its shape and tokenizer replace the ones above.
+  model.init_from = ""
 
   config.training = training = ml_collections.ConfigDict()
   training.epochs = 3
@@ -66,6 +70,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   training.patience = 2  # epochs without a better validation loss before stopping
   training.seed = 0
   training.log_every_steps = 100  # progress line and TensorBoard scalars
+  # Save `last` within an epoch too, in the background, so that a crash loses little (0 = off;
+  # whichever comes first). Every epoch's end is saved regardless.
+  training.checkpoint_every_steps = 0
+  training.checkpoint_every_minutes = 10.0
+
+  # A sample from a fixed prompt at every validation, on the console and in TensorBoard (text), so
+  # that you see the model learn. The same sampling settings are jaxlm.generate's defaults.
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.prompt = "The"
+  sample.max_new_tokens = 48  # 0: no samples while training
+  sample.temperature = 0.8  # 0: greedy
+  sample.top_k = 200  # 0: no top-k cut
+  sample.top_p = 1.0  # nucleus sampling; 1: off
+  sample.seed = 0
 
   if variant == "tiny":
     # Trains in seconds on a CPU (tests, smoke runs). Needs a local corpus: --config.data.data_dir.
@@ -77,6 +95,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     training.warmup_steps = 10
     training.learning_rate = 3e-3
     training.log_every_steps = 20
+    sample.max_new_tokens = 8
   elif variant:
     raise ValueError(f"unknown config variant {variant!r}: use configs/base.py or configs/base.py:tiny")
   config.lock()  # a mistyped key in an override or a config file fails instead of adding a key

@@ -1,92 +1,181 @@
-"""The run's two orbax checkpoints: `<workdir>/checkpoints/last` (every epoch) and `best` (when the
-validation loss improves).
+"""The run's two orbax checkpoints: `<workdir>/checkpoints/last` (every epoch, and every
+`training.checkpoint_every_*` within one) and `best` (when the validation loss improves).
 
 Each holds the whole TrainState (params, optimizer state with the schedule's step count, dropout
 key) and a JSON `meta` with everything else a resume needs: epoch, global step (which is also the
 data position: the batch order is a pure function of seed and step), best validation loss, the
-early-stopping counter, the partial epoch's loss sums, and the config. Each has its own manager
-keeping one step, so neither can evict the other (google/orbax#526). Orbax writes a step into a
-temporary folder and renames it when complete: a crash mid-save leaves the previous one intact.
+early-stopping counter, the partial epoch's loss sums, the config and the vocabulary size. Each has
+its own manager keeping one checkpoint, so neither can evict the other (google/orbax#526). Orbax's
+step numbers count the saves (1, 2, ...): one training step can be saved twice, e.g. before and after
+its epoch's validation, and the newest always wins. Orbax writes a save into a temporary folder and
+renames it when complete: a crash mid-save leaves the previous one intact, and the next run that
+writes here removes the leftover temporary folder.
+
+Saves run in the background. A save that fails there (a full disk, a lost permission) is reported by
+the next `save`, `check` or `close` as one CheckpointError, so that a run never trains on without
+its checkpoints. Inference needs only `restore_params`, which reads no optimizer state.
 """
 import os
+import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlm.cli import UserError
+
 NAMES = ("last", "best")
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message says what to do."""
+class CheckpointError(UserError):
+  """A checkpoint that cannot be used or written; the message says what to do."""
+
+
+def cause(error: BaseException) -> str:
+  """A short reason for an I/O failure: the OS error when one is inside (orbax and tensorstore wrap
+  them in other types), else the exception's first line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:300]}"
 
 
 class Checkpoints:
+  """`last` and `best` of one work directory. A writer (the training run, which holds the work
+  directory's lock) also cleans up what an interrupted save left; a reader never writes."""
 
-  def __init__(self, workdir: str, create: bool = True):
+  def __init__(self, workdir: str, writer: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=writer, read_only=not writer,
+                                           cleanup_tmp_directories=writer)
     self._managers = {
         name: ocp.CheckpointManager(os.path.join(self.directory, name), options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+            "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         for name in NAMES}
+    self._saving = {}  # name -> (orbax step number, training step) of a save that may still be running
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    self.close(raise_errors=exc_type is None)  # an error already on its way is the one to report
+
+  def exists(self, name: str) -> bool:
+    return self._managers[name].latest_step() is not None
 
   def step(self, name: str) -> int | None:
-    """The step of the `name` checkpoint, or None when there is none."""
-    return self._managers[name].latest_step()
+    """The training step the `name` checkpoint holds, or None when there is none."""
+    return self.restore_meta(name)["global_step"] if self.exists(name) else None
 
-  def save(self, name: str, state, meta: dict, wait: bool = False) -> bool:
-    """Saves in the background (the next save or `close` waits for it), or before returning with
-    `wait`. False, saving nothing, when `name` already holds this step."""
-    manager, step = self._managers[name], int(state.step)
-    if manager.latest_step() == step:
-      return False
-    if not manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta))):
-      raise CheckpointError(f"orbax did not save step {step} in {self.directory}/{name}")
+  def save(self, name: str, state, meta: dict, wait: bool = False) -> None:
+    """Saves in the background, or before returning with `wait`; the arrays are copied off the
+    device before it returns, so the caller may donate them at once. Raises CheckpointError for
+    this save or an earlier one that failed."""
+    self.check()
+    manager = self._managers[name]
+    number = (manager.latest_step() or 0) + 1
+    try:
+      saved = manager.save(number, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                           meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # orbax raises many types; the cause is an I/O error in practice
+      raise self._save_failed(name, meta["global_step"], e) from None
+    if not saved:
+      raise CheckpointError(f"orbax did not save step {meta['global_step']} in {self.directory}/{name}")
+    self._saving[name] = (number, meta["global_step"])
     if wait:
-      manager.wait_until_finished()
-    return True
+      self._wait(name)
+
+  def check(self) -> None:
+    """Raises CheckpointError if a background save has failed (orbax keeps such an error for the
+    next wait: it is waited for here once it has ended, which returns at once)."""
+    for name in list(self._saving):
+      if not self._managers[name].is_saving_in_progress():
+        self._wait(name)
 
   def restore(self, name: str, target) -> tuple:
     """(state shaped and placed like `target`, meta) of the `name` checkpoint."""
-    step = self._require(name)
-    try:
-      restored = self._managers[name].restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for missing or damaged files
-      raise self._unreadable(name, step, e) from None
+    number = self._require(name)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    restored = self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
     return restored.state, restored.meta
 
+  def restore_params(self, name: str) -> tuple:
+    """(params as numpy arrays, meta) of the `name` checkpoint; the optimizer state is not read."""
+    number = self._require(name)
+    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), self._params_metadata(name, number))
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+    args = ocp.args.PyTreeRestore(item={"params": shapes}, restore_args={"params": as_numpy}, partial_restore=True)
+    restored = self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
+    return restored.state["params"], restored.meta
+
   def restore_meta(self, name: str) -> dict:
-    step = self._require(name)
-    try:
-      return self._managers[name].restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:
-      raise self._unreadable(name, step, e) from None
+    return self._restore(name, self._require(name), meta=ocp.args.JsonRestore()).meta
+
+  def path(self, name: str) -> str:
+    """The folder of the `name` checkpoint."""
+    return os.path.join(self.directory, name, str(self._require(name)))
 
   def num_params(self, name: str) -> int:
     """Parameter count read from the checkpoint's metadata, without loading the arrays."""
-    step = self._require(name)
-    try:
-      tree = self._managers[name].item_metadata(step).state["params"]
-    except Exception as e:
-      raise self._unreadable(name, step, e) from None
+    tree = self._params_metadata(name, self._require(name))
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
-  def close(self) -> None:
-    for manager in self._managers.values():
+  def close(self, raise_errors: bool = True) -> None:
+    """Waits for the saves in flight; raises CheckpointError for one that failed (unless told not
+    to: when another error is already being reported)."""
+    error = None
+    for name in NAMES:
+      try:
+        self._wait(name)
+      except CheckpointError as e:
+        error = error or e
+      self._managers[name].close()
+    if error and raise_errors:
+      raise error
+
+  def _wait(self, name: str) -> None:
+    """Waits for `name`'s save in flight; CheckpointError unless it was committed."""
+    if name not in self._saving:
+      return
+    manager = self._managers[name]
+    number, step = self._saving.pop(name)
+    try:
       manager.wait_until_finished()
-      manager.close()
+    except Exception as e:
+      raise self._save_failed(name, step, e) from None
+    if manager.latest_step() != number:
+      raise self._save_failed(name, step, RuntimeError("orbax did not commit it (--verbose shows its log)"))
+
+  def _restore(self, name: str, number: int, **items):
+    try:
+      return self._managers[name].restore(number, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types for missing or damaged files
+      raise self._unreadable(name, number, e) from None
+
+  def _params_metadata(self, name: str, number: int):
+    try:
+      return self._managers[name].item_metadata(number).state["params"]
+    except Exception as e:
+      raise self._unreadable(name, number, e) from None
 
   def _require(self, name: str) -> int:
-    step = self.step(name)
-    if step is None:
+    """The orbax step number of the `name` checkpoint."""
+    number = self._managers[name].latest_step()
+    if number is None:
       raise CheckpointError(f"no '{name}' checkpoint in {self.directory}")
-    return step
+    return number
 
-  def _unreadable(self, name: str, step: int, error: Exception) -> CheckpointError:
-    path = os.path.join(self.directory, name, str(step))
+  def _save_failed(self, name: str, step: int, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"saving checkpoint `{name}` (step {step}) in {self.directory} failed: {cause(error)}. The "
+        f"checkpoints saved before it are intact: fix the cause (free disk space, permissions) and "
+        f"re-run the same command to resume from them.")
+
+  def _unreadable(self, name: str, number: int, error: Exception) -> CheckpointError:
+    path = os.path.join(self.directory, name, str(number))
     return CheckpointError(
         f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error)[:300]}). It may be "
         f"damaged or from an incompatible version. Move it out of the way (nothing is deleted), or "

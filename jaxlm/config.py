@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxlm.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A config value that cannot work; the message names the key and what to do."""
 
 
@@ -58,6 +60,8 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "model.dtype": (str, _one_of("auto", "float32", "bfloat16")),
     "model.param_dtype": (str, _one_of("float32", "bfloat16")),
     "model.attention": (str, _one_of("auto", "xla", "cudnn")),
+    "model.activation": (str, _one_of("gelu", "gelu_tanh")),
+    "model.init_from": (str, _ANY),
     "training.epochs": (int, _positive),
     "training.batch_size": (int, _positive),
     "training.eval_batch_size": (int, _positive),
@@ -74,6 +78,14 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "training.patience": (int, _positive),
     "training.seed": (int, _non_negative),
     "training.log_every_steps": (int, _positive),
+    "training.checkpoint_every_steps": (int, _non_negative),
+    "training.checkpoint_every_minutes": (float, _non_negative),
+    "sample.prompt": (str, _ANY),
+    "sample.max_new_tokens": (int, _non_negative),
+    "sample.temperature": (float, _non_negative),
+    "sample.top_k": (int, _non_negative),
+    "sample.top_p": (float, lambda v: 0 < v <= 1 or "must be in (0, 1]"),
+    "sample.seed": (int, _non_negative),
 }
 
 
@@ -124,6 +136,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if tok.file and tok.pretrained:
     raise ConfigError("config keys 'data.tokenizer.file' and 'data.tokenizer.pretrained' are both set: "
                       "choose one (or neither, to train a BPE of 'data.tokenizer.vocab_size')")
+  if config.sample.max_new_tokens and not config.sample.prompt.strip():
+    raise ConfigError("config key 'sample.prompt' is empty: give the samples while training a prompt, or "
+                      "turn them off with --config.sample.max_new_tokens=0")
   if not config.data.data_dir and not (config.data.dataset_name and config.data.dataset_config):
     raise ConfigError("config key 'data.data_dir' is empty and so is 'data.dataset_name' or "
                       "'data.dataset_config': name a hub dataset or a local directory")

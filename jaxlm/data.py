@@ -6,7 +6,8 @@ pretrained one) -> one flat token array per split, saved as .npy under
 `<processed_dir>/<name>-<fingerprint>/` with tokenizer.json and meta.json. The fingerprint covers
 the source's content and the tokenizer settings, so a changed input makes a new cache, never a
 stale hit; the folder appears by one atomic rename, so a crash never leaves a half-written cache.
-Later runs memory-map the arrays and do no other work.
+Later runs memory-map the arrays after checking them against meta.json (lengths, dtype, SHA-256,
+token ids below the vocabulary size): a damaged cache is rebuilt, never used.
 
 Rows follow the WikiText raw layout: one row per line, a blank row written as a single space. The
 hub's rows ("" for blank, others ending in "\n") are mapped to it, so all sources give the same
@@ -15,6 +16,7 @@ which for a tokenizer trained without newlines equals tokenizing the whole text 
 
 Run ahead of training: python -m jaxlm.data --config=configs/base.py
 """
+import codecs
 import glob
 import hashlib
 import json
@@ -28,6 +30,8 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from jaxlm.cli import UserError
+
 SPLITS = ("train", "validation", "test")
 # Local file names per split, in order of preference (WikiText raw names included).
 TEXT_FILES = {
@@ -38,10 +42,11 @@ TEXT_FILES = {
 # Parquet shards per split: <prefix>-*.parquet (the hub's train-00000-of-00001.parquet) or <prefix>.parquet.
 PARQUET_PREFIXES = {"train": ("train",), "validation": ("validation", "valid"), "test": ("test",)}
 SPECIAL_TOKENS = ["<|endoftext|>"]
-CACHE_FORMAT = 1  # bump when the cache layout or tokenization changes
+CACHE_FORMAT = 2  # bump when the cache layout or tokenization changes
+ARRAYS = tuple(f"{s}.npy" for s in SPLITS) + ("token_bytes.npy",)
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
   """A data source or cache that cannot be used; the message says what to do."""
 
 
@@ -93,7 +98,7 @@ def _file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def _source_spec(config: ml_collections.ConfigDict) -> dict:
+def source_spec(config: ml_collections.ConfigDict) -> dict:
   """What identifies the source: the local files' contents, or the hub dataset's name."""
   d = config.data
   if d.data_dir:
@@ -115,8 +120,28 @@ def _tokenizer_spec(config: ml_collections.ConfigDict) -> dict:
   return {"kind": "bpe", "vocab_size": tok.vocab_size, "special_tokens": SPECIAL_TOKENS}
 
 
-def _load_rows(config: ml_collections.ConfigDict, source: dict) -> dict[str, list[str]]:
-  """{split: rows in the WikiText raw layout}, read through `datasets`."""
+def _check_text_file(path: str) -> None:
+  """DataError naming the file unless it is UTF-8 text."""
+  decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      if b"\0" in block:
+        raise DataError(f"{path} is not text (a NUL byte at offset {offset + block.index(0):,}): is it the "
+                        f"right file? data.data_dir must hold the splits as UTF-8 text or parquet files.")
+      try:
+        decoder.decode(block)
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{block[e.start]:02x} at offset {offset + e.start:,}"
+                        f" cannot be decoded). Convert it to UTF-8, e.g. iconv -f latin1 -t utf-8.") from None
+      offset += len(block)
+  try:
+    decoder.decode(b"", final=True)
+  except UnicodeDecodeError:
+    raise DataError(f"{path} is not UTF-8 text (it ends inside a character). Convert it to UTF-8.") from None
+
+
+def read_rows(config: ml_collections.ConfigDict, source: dict, splits=SPLITS) -> dict[str, list[str]]:
+  """{split: rows in the WikiText raw layout} of `source` (see `source_spec`), read through `datasets`."""
   import datasets  # heavy, and absent where only prepared data is used (e.g. a GPU machine)
   datasets.disable_progress_bars()
   d = config.data
@@ -129,22 +154,25 @@ def _load_rows(config: ml_collections.ConfigDict, source: dict) -> dict[str, lis
           f"({type(e).__name__}: {str(e)[:200]}). Offline? Put the three splits in a folder "
           f"(train.txt, validation.txt, test.txt; or wiki.*.raw, or the hub's parquet files) and "
           f"pass --config.data.data_dir=FOLDER.") from None
-    missing = [s for s in SPLITS if s not in dsd]
+    missing = [s for s in splits if s not in dsd]
     if missing:
       raise DataError(f"hub dataset '{d.dataset_name}/{d.dataset_config}' has no split(s) {missing}")
-    return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in SPLITS}
-  files = {s: [os.path.join(d.data_dir, f["name"]) for f in source["files"][s]] for s in SPLITS}
+    return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in splits}
+  files = {s: [os.path.join(source["dir"], f["name"]) for f in source["files"][s]] for s in splits}
+  if source["kind"] == "text":
+    for paths in files.values():
+      _check_text_file(paths[0])
   try:
     if source["kind"] == "text":
       dsd = datasets.load_dataset("text", data_files=files, cache_dir=d.raw_dir, keep_linebreaks=False)
-      return {s: list(dsd[s]["text"]) for s in SPLITS}
+      return {s: list(dsd[s]["text"]) for s in splits}
     dsd = datasets.load_dataset("parquet", data_files=files, cache_dir=d.raw_dir)
   except Exception as e:  # unreadable or malformed files
-    raise DataError(f"could not read the files in {d.data_dir} ({type(e).__name__}: {str(e)[:300]})") from None
-  for s in SPLITS:
+    raise DataError(f"could not read the files in {source['dir']} ({type(e).__name__}: {str(e)[:300]})") from None
+  for s in splits:
     if "text" not in dsd[s].column_names:
       raise DataError(f"{files[s][0]} has no 'text' column (columns: {dsd[s].column_names})")
-  return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in SPLITS}
+  return {s: _hub_rows_to_lines(dsd[s]["text"]) for s in splits}
 
 
 def _hub_rows_to_lines(rows) -> list[str]:
@@ -190,7 +218,8 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
   return lengths
 
 
-def _encode(tokenizer, lines: list[str], dtype) -> np.ndarray:
+def encode(tokenizer, lines: list[str], dtype=np.int32) -> np.ndarray:
+  """The rows' token ids as one flat array (a split's text is its rows joined by "\n")."""
   rows = [line + "\n" for line in lines[:-1]] + lines[-1:]
   encodings = tokenizer.encode_batch_fast(rows, add_special_tokens=False)
   return np.concatenate([np.asarray(e.ids, dtype) for e in encodings] or [np.zeros(0, dtype)])
@@ -208,33 +237,71 @@ def _cache_name(source: dict, tok_spec: dict) -> str:
 
 
 def load(config: ml_collections.ConfigDict, verbose: bool = False) -> Corpus:
-  """The tokenized corpus of `config.data`, prepared on first use and memory-mapped after."""
+  """The tokenized corpus of `config.data`, prepared on first use, then verified and memory-mapped."""
   t0 = time.perf_counter()
-  source, tok_spec = _source_spec(config), _tokenizer_spec(config)
+  log = (lambda msg: print(f"data: {msg}", flush=True)) if verbose else (lambda msg: None)
+  source, tok_spec = source_spec(config), _tokenizer_spec(config)
   path = os.path.join(config.data.processed_dir, _cache_name(source, tok_spec))
-  if not os.path.isfile(os.path.join(path, "meta.json")):
-    _prepare(config, source, tok_spec, path, verbose)
-  elif verbose:
-    print(f"data: cache hit {path}", flush=True)
+  corpus = None
+  if os.path.exists(path):
+    corpus, problem = _open_cache(path)
+    if problem:
+      print(f"data: WARNING: the cache {path} is damaged ({problem}); rebuilding it", flush=True)
+      _discard(path, config.data.processed_dir)
+    else:
+      log(f"cache hit {path}")
+  if corpus is None:
+    _prepare(config, source, tok_spec, path, log)
+    corpus, problem = _open_cache(path)
+    if problem:
+      raise DataError(f"the data cache {path} just written does not read back ({problem}). Is the disk "
+                      f"failing? Check {config.data.processed_dir}, or point --config.data.processed_dir "
+                      f"elsewhere.")
+  log(f"ready in {time.perf_counter() - t0:.1f}s")
+  return corpus
+
+
+def _open_cache(path: str) -> tuple[Corpus | None, str | None]:
+  """(the memory-mapped corpus, None), or (None, what is wrong) when a file is missing, unreadable or
+  disagrees with meta.json."""
   try:
     with open(os.path.join(path, "meta.json")) as f:
       meta = json.load(f)
-    tokens = {s: np.load(os.path.join(path, f"{s}.npy"), mmap_mode="r") for s in SPLITS}
-    token_bytes = np.load(os.path.join(path, "token_bytes.npy"))
-  except (OSError, ValueError) as e:
-    raise DataError(f"the data cache {path} is unreadable ({e}). Delete that folder; the next run "
-                    "rebuilds it.") from None
-  if verbose:
-    print(f"data: ready in {time.perf_counter() - t0:.1f}s", flush=True)
-  return Corpus(tokens=tokens, token_bytes=token_bytes, vocab_size=meta["vocab_size"], path=path, meta=meta)
+    vocab_size, sizes = meta["vocab_size"], {s: meta["splits"][s]["tokens"] for s in SPLITS}
+    arrays = {name: np.load(os.path.join(path, name), mmap_mode="r") for name in ARRAYS}
+    for name in ARRAYS + ("tokenizer.json",):
+      if _file_sha256(os.path.join(path, name)) != meta["sha256"][name]:
+        return None, f"{name} does not match the checksum in meta.json"
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return None, f"{type(e).__name__}: {e}"
+  for s in SPLITS:
+    a = arrays[f"{s}.npy"]
+    if a.dtype != np.dtype(meta["dtype"]) or a.shape != (sizes[s],):
+      return None, f"{s}.npy holds {a.dtype} {a.shape}, meta.json says {meta['dtype']} ({sizes[s]},)"
+    if a.size and int(a.max()) >= vocab_size:
+      return None, f"{s}.npy holds token id {int(a.max())}, beyond the vocabulary of {vocab_size}"
+  if arrays["token_bytes.npy"].shape != (vocab_size,):
+    return None, f"token_bytes.npy has {arrays['token_bytes.npy'].shape} entries for a vocabulary of {vocab_size}"
+  tokens = {s: arrays[f"{s}.npy"] for s in SPLITS}
+  return Corpus(tokens=tokens, token_bytes=np.asarray(arrays["token_bytes.npy"]), vocab_size=vocab_size,
+                path=path, meta=meta), None
 
 
-def _prepare(config, source: dict, tok_spec: dict, path: str, verbose: bool) -> None:
+def _discard(path: str, processed_dir: str) -> None:
+  """Moves a damaged cache out of the way at once (a rename), then deletes it."""
+  aside = tempfile.mkdtemp(prefix=".tmp-damaged-", dir=processed_dir)
+  try:
+    os.rename(path, os.path.join(aside, "cache"))
+  except FileNotFoundError:  # another process got there first
+    pass
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+def _prepare(config, source: dict, tok_spec: dict, path: str, log) -> None:
   t0 = time.perf_counter()
-  log = (lambda msg: print(f"data: {msg}", flush=True)) if verbose else (lambda msg: None)
   where = source.get("dir") or f"hub {source['name']}/{source['config']}"
   log(f"preparing {where} -> {path}")
-  lines = _load_rows(config, source)
+  lines = read_rows(config, source)
   t_load = time.perf_counter()
   log(f"read {', '.join(f'{s} {len(lines[s]):,} rows' for s in SPLITS)} in {t_load - t0:.1f}s")
   tokenizer = _build_tokenizer(config, tok_spec, lines["train"])
@@ -242,23 +309,30 @@ def _prepare(config, source: dict, tok_spec: dict, path: str, verbose: bool) -> 
   dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
   t_tok = time.perf_counter()
   log(f"tokenizer ({tok_spec['kind']}, vocab {vocab_size:,}) in {t_tok - t_load:.1f}s")
-  tokens = {s: _encode(tokenizer, lines[s], dtype) for s in SPLITS}
-  splits = {s: {"rows": len(lines[s]), "tokens": int(tokens[s].size),
-                "bytes": len("\n".join(lines[s]).encode("utf-8"))} for s in SPLITS}
+  tokens = {s: encode(tokenizer, lines[s], dtype) for s in SPLITS}
+  splits = {s: {"rows": len(lines[s]), "tokens": int(tokens[s].size), "bytes": len("\n".join(lines[s]).encode("utf-8")),
+                "words": count_words(lines[s])} for s in SPLITS}
   log(f"encoded {sum(v['tokens'] for v in splits.values()):,} tokens in {time.perf_counter() - t_tok:.1f}s")
+  try:
+    _write_cache(config.data.processed_dir, path, tokens, tokenizer, {
+        "format": CACHE_FORMAT, "source": source, "tokenizer": tok_spec, "vocab_size": vocab_size,
+        "dtype": np.dtype(dtype).name, "splits": splits, "seconds": round(time.perf_counter() - t0, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+  except OSError as e:
+    raise DataError(f"cannot write the data cache in {config.data.processed_dir} ({e.strerror or e}). Point "
+                    f"--config.data.processed_dir at a writable folder with free space.") from None
 
-  os.makedirs(config.data.processed_dir, exist_ok=True)
-  _remove_stale_temporaries(config.data.processed_dir)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=config.data.processed_dir)
+
+def _write_cache(processed_dir: str, path: str, tokens: dict, tokenizer, meta: dict) -> None:
+  os.makedirs(processed_dir, exist_ok=True)
+  _remove_stale_temporaries(processed_dir)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=processed_dir)
   try:
     for s in SPLITS:
       np.save(os.path.join(tmp, f"{s}.npy"), tokens[s])
     np.save(os.path.join(tmp, "token_bytes.npy"), token_byte_lengths(tokenizer))
     tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    meta = {"format": CACHE_FORMAT, "source": source, "tokenizer": tok_spec, "vocab_size": vocab_size,
-            "dtype": np.dtype(dtype).name, "splits": splits,
-            "seconds": round(time.perf_counter() - t0, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta["sha256"] = {name: _file_sha256(os.path.join(tmp, name)) for name in ARRAYS + ("tokenizer.json",)}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(meta, f, indent=2)
     try:
@@ -268,6 +342,11 @@ def _prepare(config, source: dict, tok_spec: dict, path: str, verbose: bool) -> 
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_words(lines: list[str]) -> int:
+  """Whitespace-separated words: the unit of WikiText's word-level perplexity."""
+  return sum(len(line.split()) for line in lines)
 
 
 def _remove_stale_temporaries(processed_dir: str, age_s: float = 3600) -> None:
@@ -302,18 +381,6 @@ def train_batches(seqs: np.ndarray, batch_size: int, seed: int, epoch: int,
     yield np.asarray(seqs[order[i * batch_size:(i + 1) * batch_size]], np.int32)
 
 
-def eval_batches(seqs: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(tokens int32 [batch_size, seq_length], mask bool [batch_size]) over every sequence in order;
-  the last batch is padded with masked rows so that every batch has one shape (one compilation)."""
-  for i in range(0, len(seqs), batch_size):
-    chunk = np.asarray(seqs[i:i + batch_size], np.int32)
-    mask = np.ones(batch_size, bool)
-    if len(chunk) < batch_size:
-      mask[len(chunk):] = False
-      chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), seqs.shape[1]), np.int32)])
-    yield chunk, mask
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 def _print_summary(config: ml_collections.ConfigDict) -> None:
   from jaxlm.config import validate
@@ -325,22 +392,22 @@ def _print_summary(config: ml_collections.ConfigDict) -> None:
   for s in SPLITS:
     info = corpus.meta["splits"][s]
     n_seq = len(corpus.tokens[s]) // config.data.seq_length
-    print(f"data: {s:<10} {info['rows']:>8,} rows {info['bytes']:>12,} bytes {info['tokens']:>10,} tokens "
-          f"{info['bytes'] / max(1, info['tokens']):.2f} bytes/token {n_seq:>8,} sequences of "
-          f"{config.data.seq_length}")
+    print(f"data: {s:<10} {info['rows']:>8,} rows {info['words']:>10,} words {info['bytes']:>12,} bytes "
+          f"{info['tokens']:>10,} tokens {info['bytes'] / max(1, info['tokens']):.2f} bytes/token "
+          f"{n_seq:>8,} sequences of {config.data.seq_length}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from jaxlm import cli
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/base.py.")
   flags.mark_flags_as_required(["config"])
 
   def _main(argv):
-    del argv
-    from jaxlm.config import ConfigError
-    try:
-      _print_summary(_CONFIG.value)
-    except (ConfigError, DataError) as e:
-      raise SystemExit(f"error: {e}") from None
-  app.run(_main)
+    if len(argv) > 1:
+      raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _print_summary(_CONFIG.value)
+
+  cli.run(_main, config_flag="config")

@@ -2,10 +2,10 @@
 
 Parses the flags and calls `train.train_and_evaluate`; every setting lives in the config.
 """
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, config, data, train
+from jaxlm import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, e.g. configs/base.py (configs/base.py:tiny for a smoke run); "
@@ -15,25 +15,16 @@ _FRESH = flags.DEFINE_bool(
     "moved aside to <workdir>.old-<time>, not deleted). Without it, a run resumes from `last`.")
 flags.mark_flags_as_required(["config"])
 
-# Errors that say what to do: one line for the user, no traceback.
-USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError, train.TrainingError)
-
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and datasets log a lot at INFO
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     train.train_and_evaluate(_CONFIG.value, fresh=_FRESH.value)
-  except USER_ERRORS as e:
-    raise SystemExit(f"error: {e}") from None
   except train.Interrupted as e:
     print(f"{e}; the checkpoint `last` holds it. Re-run the same command to resume.", flush=True)
     raise SystemExit(128 + e.signum) from None
-  except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-    raise SystemExit("interrupted; checkpoints already written are intact") from None
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_flag="config")

@@ -1,4 +1,5 @@
 """Where a run's numbers go: the console, `<workdir>/metrics.jsonl` and TensorBoard event files."""
+import contextlib
 import json
 import math
 import os
@@ -48,10 +49,21 @@ class JsonlWriter:
       os.replace(tmp, path)
 
   def write(self, record: dict) -> None:
-    with open(self.path, "a") as f:
+    with _naming(self.path), open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
       os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+  """An OSError from writing `path` names it (a failed write() alone does not)."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, path) from None
 
 
 def _epoch_of(line: str) -> float:
@@ -63,20 +75,47 @@ def _epoch_of(line: str) -> float:
 
 
 class TensorBoard:
-  """Scalars under <workdir>/tensorboard. On resume from step S, TensorBoard hides what an earlier
-  process logged after S (work the resumed run redoes); what it logged up to S stays."""
+  """Scalars and text under <workdir>/tensorboard, written synchronously: a failed write (a full
+  disk) raises here, in the training loop, instead of killing a writer thread that the loop would
+  then wait on forever. A run starting from step S (0 without a checkpoint) hides what an earlier
+  process logged after S (work this run redoes); what it logged up to S stays."""
 
   def __init__(self, logdir: str, resume_step: int):
-    from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step else None, flush_secs=30)
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    os.makedirs(logdir, exist_ok=True)
+    self._event = Event
+    with _naming(logdir):
+      self._writer = EventsWriter(os.path.join(logdir, "events"))
+      self.path = self._writer._file_name
+    # TensorBoard hides the points at and after a restart marker's step: what an earlier process
+    # logged past the checkpoint this run starts from (all of it when there is none).
+    self._write(Event(step=resume_step + 1, session_log=SessionLog(status=SessionLog.START)))
 
   def scalars(self, step: int, values: dict, prefix: str) -> None:
+    from tensorboardX.summary import scalar
     for name, value in values.items():
       if value is not None:
-        self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        self._write(self._event(step=step, summary=scalar(f"{prefix}/{name}", value)))
+    self.flush()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    from tensorboardX.summary import text as text_summary
+    self._write(self._event(step=step, summary=text_summary(tag, text)))
+    self.flush()
+
+  def flush(self) -> None:
+    with _naming(self.path):
+      self._writer.flush()
 
   def close(self) -> None:
-    self.writer.close()
+    with _naming(self.path):
+      self._writer.close()
+
+  def _write(self, event) -> None:
+    event.wall_time = time.time()
+    with _naming(self.path):
+      self._writer.write_event(event)
 
 
 class Progress:

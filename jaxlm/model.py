@@ -3,7 +3,15 @@
 Matches the PyTorch baseline's choices so that the two are the same model: every Dense/Embed
 weight ~ N(0, init_std), biases 0, LayerNorm eps 1e-5, exact GELU, dropout on the embeddings and on
 each residual branch's output (none on attention probabilities), output tied to the token embedding.
-Shapes: B batch, L sequence, D d_model, H heads, K head size (D / H), F d_ff, V vocab.
+That is GPT-2's architecture (with `activation="gelu_tanh"`, GPT-2's exact weights: see export.py).
+
+Decoding (`decode=True`, as in Flax's lm1b): each block keeps the keys and values of the tokens seen
+so far in a `cache` collection of [B, S, H, K] buffers, and the model a per-row `cache_index`; a
+call on T new tokens writes them at that index and attends to everything up to it, so a prompt is
+prefilled in one call and then one token is fed per call. Rows may stand at different positions
+(prompts of different lengths). `init_cache` makes the empty buffers.
+Shapes: B batch, L sequence, T new tokens, S cache length, D d_model, H heads, K head size (D / H),
+F d_ff, V vocab.
 """
 import math
 
@@ -11,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jaxlm import config as config_lib
 
@@ -26,9 +35,11 @@ class Block(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   attention: str | None  # jax.nn.dot_product_attention's implementation; None lets JAX pick
+  approximate_gelu: bool  # tanh approximation (GPT-2's "gelu_new") instead of the exact erf
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, deterministic: bool, positions_BL: jax.Array | None = None) -> jax.Array:
+    """positions_BL: decode mode, the position of each new token (see the module's docstring)."""
     dense = lambda features, std, name: nn.Dense(  # noqa: E731
         features, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
@@ -39,15 +50,30 @@ class Block(nn.Module):
 
     qkv_BL3HK = dense(3 * D, self.init_std, "qkv")(norm("ln1")(x_BLD)).reshape(B, L, 3, self.num_heads, K)
     q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
-    # Fused causal attention (cuDNN flash attention on GPU when asked; XLA otherwise); the softmax
-    # runs in float32 whatever the dtype.
-    attn_BLHK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+    if positions_BL is None:
+      # Fused causal attention (cuDNN flash attention on GPU when asked; XLA otherwise); the softmax
+      # runs in float32 whatever the dtype.
+      attn_BLHK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+    else:
+      attn_BLHK = self._cached_attention(q, k, v, positions_BL)
     y = dense(D, self.residual_std, "proj")(attn_BLHK.reshape(B, L, D))
     x_BLD = x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
-    h_BLF = nn.gelu(dense(self.d_ff, self.init_std, "fc1")(norm("ln2")(x_BLD)), approximate=False)
+    h_BLF = nn.gelu(dense(self.d_ff, self.init_std, "fc1")(norm("ln2")(x_BLD)), approximate=self.approximate_gelu)
     y = dense(D, self.residual_std, "fc2")(h_BLF)
     return x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+  def _cached_attention(self, q_BTHK, k_BTHK, v_BTHK, positions_BT):
+    """Writes the new keys and values into the cache at their positions, then attends from each
+    new token to every cached one at or before it."""
+    cached_k = self.variable("cache", "key", jnp.zeros, k_BTHK.shape, k_BTHK.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, v_BTHK.shape, v_BTHK.dtype)
+    write = jax.vmap(lambda cache_SHK, new_THK, start: jax.lax.dynamic_update_slice(cache_SHK, new_THK, (start, 0, 0)))
+    cached_k.value = write(cached_k.value, k_BTHK, positions_BT[:, 0])
+    cached_v.value = write(cached_v.value, v_BTHK, positions_BT[:, 0])
+    S = cached_k.value.shape[1]
+    mask_B1TS = (jnp.arange(S)[None, None, :] <= positions_BT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(q_BTHK, cached_k.value, cached_v.value, mask=mask_B1TS)
 
 
 class Transformer(nn.Module):
@@ -65,23 +91,33 @@ class Transformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention: str | None = None
+  approximate_gelu: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BL: jax.Array, deterministic: bool = True) -> jax.Array:
-    """int [B, L] token ids -> float32 [B, L, V] logits of the next token at every position."""
-    L = tokens_BL.shape[1]
+  def __call__(self, tokens_BL: jax.Array, deterministic: bool = True, decode: bool = False) -> jax.Array:
+    """int [B, L] token ids -> float32 [B, L, V] logits of the next token at every position.
+    decode: the tokens follow those already in the cache (apply with mutable=["cache"])."""
+    B, L = tokens_BL.shape
     init = nn.initializers.normal(self.init_std)
     embedding_VD = self.param("tok_emb", init, (self.vocab_size, self.d_model), self.param_dtype)
-    pos_LD = self.param("pos_emb", init, (self.max_seq_length, self.d_model), self.param_dtype)[:L]
+    pos_emb_PD = self.param("pos_emb", init, (self.max_seq_length, self.d_model), self.param_dtype)
+    positions_BL = None
+    if decode:
+      index = self.variable("cache", "index", jnp.zeros, (B,), jnp.int32)
+      positions_BL = index.value[:, None] + jnp.arange(L)
+      index.value = index.value + L
+      pos_BLD = jnp.take(pos_emb_PD, positions_BL, axis=0)
+    else:
+      pos_BLD = pos_emb_PD[None, :L]
     # The residual stream stays float32 (as under torch autocast); the blocks compute in self.dtype.
-    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32) + pos_LD.astype(jnp.float32)
+    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32) + pos_BLD.astype(jnp.float32)
     x_BLD = nn.Dropout(self.dropout)(x_BLD, deterministic=deterministic)
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)
     for i in range(self.num_layers):
       x_BLD = Block(self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std,
                     self.layer_norm_eps, self.dtype, self.param_dtype, self.attention,
-                    name=f"block_{i}")(x_BLD, deterministic)
+                    self.approximate_gelu, name=f"block_{i}")(x_BLD, deterministic, positions_BL)
     x_BLD = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="ln_f")(x_BLD)
     if self.tie_embeddings:
@@ -100,7 +136,19 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32)
       num_layers=m.num_layers, num_heads=m.num_heads, d_ff=m.d_ff, dropout=m.dropout,
       tie_embeddings=m.tie_embeddings, init_std=m.init_std, scaled_residual_init=m.scaled_residual_init,
       layer_norm_eps=m.layer_norm_eps, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype),
-      attention=None if m.attention == "auto" else m.attention)
+      attention=None if m.attention == "auto" else m.attention, approximate_gelu=m.activation == "gelu_tanh")
+
+
+def init_cache(model: Transformer, batch_size: int, length: int):
+  """Empty decode buffers for `batch_size` rows of up to `length` (<= max_seq_length) tokens."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch_size, length), jnp.int32),
+                                             decode=True)["cache"])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def next_token_losses(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
+  """float32 [B, L-1]: cross-entropy of each token given those before it."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV[:, :-1], tokens_BL[:, 1:])
 
 
 def count_params(params) -> int:

@@ -1,8 +1,9 @@
-"""Training: the optimizer, the TrainState, the jitted train/eval steps and the epoch loop.
+"""Training: the optimizer, the TrainState, the jitted train step and the epoch loop.
 
 `train_and_evaluate(config)` is the whole run behind `python -m jaxlm.main`: for each epoch
-train over every batch, validate over the whole validation split, log, checkpoint (`last` every
-epoch, `best` on improvement) and check early stopping; at the end evaluate `best` on the test split.
+train over every batch (saving `last` every `training.checkpoint_every_*` on the way), validate over
+the whole validation split, sample from a fixed prompt, log, checkpoint (`last` every epoch, `best`
+on improvement) and check early stopping; at the end evaluate `best` on the test split.
 Re-running in a work directory with a `last` checkpoint resumes the same run exactly.
 """
 import contextlib
@@ -24,11 +25,15 @@ from flax.training import train_state
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
+from jaxlm import evaluate as evaluate_lib
+from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
+from jaxlm import workdir as workdir_lib
+from jaxlm.cli import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
   """The run cannot go on (e.g. the loss diverged); the message says what to do."""
 
 
@@ -98,43 +103,18 @@ def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Trans
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def next_token_losses(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
-  """float32 [B, L-1]: cross-entropy of each token given those before it."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV[:, :-1], tokens_BL[:, 1:])
-
-
 def train_step(state: TrainState, tokens_BL: jax.Array, learning_rate_fn: optax.Schedule):
   """One optimizer update on int32 [B, L] tokens -> (new state, metrics). Pure."""
   dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, tokens_BL, deterministic=False, rngs={"dropout": dropout_key})
-    return next_token_losses(logits, tokens_BL).mean()
+    return model_lib.next_token_losses(logits, tokens_BL).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),  # before clipping
              "learning_rate": learning_rate_fn(state.step)}  # the rate this update used
   return state.apply_gradients(grads=grads), metrics
-
-
-def eval_step(params, batch: tuple[jax.Array, jax.Array], apply_fn):
-  """(summed loss, token count) of (int32 [B, L] tokens, bool [B] mask of real rows). Summing lets a
-  split's per-token mean be exact whatever the batch size."""
-  tokens_BL, mask_B = batch
-  losses = next_token_losses(apply_fn({"params": params}, tokens_BL, deterministic=True), tokens_BL)
-  weights = jnp.broadcast_to(mask_B[:, None], losses.shape)
-  return jnp.sum(losses * weights), jnp.sum(weights, dtype=jnp.int32)
-
-
-def evaluate(eval_fn, params, seqs: np.ndarray, batch_size: int, num_bytes: int) -> dict:
-  """Per-token loss, perplexity and bits per byte over every sequence of a split."""
-  sums = [eval_fn(params, batch) for batch in data_lib.eval_batches(seqs, batch_size)]
-  sums = jax.device_get(sums)  # one wait for the whole split
-  nats = math.fsum(float(s) for s, _ in sums)
-  count = sum(int(c) for _, c in sums)
-  loss = nats / count
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bpb": metrics_lib.bits_per_byte(nats, num_bytes)}
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -182,39 +162,24 @@ def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: 
           f"Keep it with --config.training.num_steps={meta['num_steps']}.", flush=True)
 
 
-def _resume(checkpoints, state: TrainState, config, data_name: str, num_steps: int, workdir: str):
-  """(state, LoopState) from `last` when there is one, else the fresh ones."""
-  if checkpoints.step("last") is None:
-    return state, LoopState()
-  meta = checkpoints.restore_meta("last")
-  _check_resumable(config, meta, data_name, num_steps, workdir)
-  state, meta = checkpoints.restore("last", state)
-  loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState)})
-  print(f"resuming from {checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
-        f"{int(state.step):,}, best val loss {loop.best_val_loss}", flush=True)
-  return state, loop
-
-
 def _move_aside(workdir: str) -> None:
+  """--fresh: the earlier run's directory is renamed, never deleted (under its lock: not in use)."""
   if os.path.isdir(workdir) and os.listdir(workdir):
     aside = f"{os.path.normpath(workdir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(workdir, aside)
+    with workdir_lib.Lock(workdir):
+      os.rename(workdir, aside)
     print(f"fresh start: the previous run in {workdir} is now in {aside}", flush=True)
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 class _StopRequest:
-  """Turns the first SIGINT/SIGTERM into a request to stop after the current step (the loop then
-  saves `last`); a second SIGINT interrupts at once."""
+  """Turns the first SIGINT/SIGTERM into a request to stop after the current step (the run then
+  saves `last`); a second one quits at once, except that a checkpoint being written is finished
+  first (`saving`), so that no save is lost half-way."""
 
   def __init__(self):
     self.signum = None
+    self._saving = False
+    self._quit = False
 
   def __enter__(self):
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -223,170 +188,348 @@ class _StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    self.signum = signum
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-          f"(Ctrl-C again to quit at once)", flush=True)
+    if self.signum is None:
+      self.signum = signum
+      print(f"\n{signal.Signals(signum).name}: stopping once the steps already under way are done, and "
+            f"saving a checkpoint (Ctrl-C again to quit at once)", flush=True)
+    elif self._saving:
+      self._quit = True
+      print(f"\n{signal.Signals(signum).name}: quitting as soon as the checkpoint being written is complete",
+            flush=True)
+    else:
+      raise KeyboardInterrupt
+
+  @contextlib.contextmanager
+  def saving(self):
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
+    if self._quit:
+      raise KeyboardInterrupt
 
   def __exit__(self, *exc):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
 
 
-def _split_sequences(config, corpus: data_lib.Corpus) -> dict[str, np.ndarray]:
+class _SaveTimer:
+  """When `last` is due within an epoch: every `checkpoint_every_steps` steps or
+  `checkpoint_every_minutes` minutes since the last save, whichever comes first (0 turns one off)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, step: int):
+    self.every_steps = config.training.checkpoint_every_steps
+    self.every_s = 60 * config.training.checkpoint_every_minutes
+    self.saved(step)
+
+  def saved(self, step: int) -> None:
+    self.step, self.time = step, time.monotonic()
+
+  def due(self, step: int) -> bool:
+    return bool(self.every_steps and step - self.step >= self.every_steps or
+                self.every_s and time.monotonic() - self.time >= self.every_s)
+
+
+def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
+  """The train split as [n, seq_length] sequences; every split checked for enough tokens."""
   L, B = config.data.seq_length, config.training.batch_size
-  seqs = {s: data_lib.sequences(corpus.tokens[s], L) for s in data_lib.SPLITS}
-  for split, need in (("train", B), ("validation", 1), ("test", 1)):
-    if len(seqs[split]) < need:
-      raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: fewer than "
-                               f"{need} sequence(s) of data.seq_length = {L}. Use more data or a shorter "
-                               f"--config.data.seq_length.")
-  return seqs
+  for split, need in (("train", B * L), ("validation", 2), ("test", 2)):
+    if len(corpus.tokens[split]) < need:
+      raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for "
+                               f"{'a batch of ' + str(B) if split == 'train' else 'one window of'} "
+                               f"data.seq_length = {L}. Use more data or a shorter --config.data.seq_length.")
+  return data_lib.sequences(corpus.tokens["train"], L)
+
+
+def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of config with a GPT-2 checkpoint's shape and tokenizer when model.init_from names one."""
+  if not config.model.init_from:
+    return config
+  from jaxlm import export
+  config = config.copy_and_resolve_references()
+  changes = []
+  for key, value in export.gpt2_overrides(config.model.init_from).items():
+    group, name = key.rsplit(".", 1)
+    node = functools.reduce(getattr, group.split("."), config)
+    if node[name] != value:
+      changes.append(f"{key} = {value!r}")
+      node[name] = value
+  if changes:
+    print(f"model.init_from {config.model.init_from}: {'; '.join(changes)}", flush=True)
+  return config
+
+
+@dataclasses.dataclass
+class _Setup:
+  """Everything a run derives from its config before it touches the work directory."""
+  config: ml_collections.ConfigDict
+  device: jax.Device
+  dtype: jnp.dtype
+  corpus: data_lib.Corpus
+  train_seqs: np.ndarray  # [n, seq_length]
+  steps_per_epoch: int
+  total_steps: int
+  num_steps: int  # the schedule's length
+  schedule: optax.Schedule
+  model: model_lib.Transformer
+  state: TrainState
+  num_params: int
+  flops_per_token: float
+  peak: float | None
+
+  @property
+  def data_name(self) -> str:
+    return os.path.basename(self.corpus.path)
+
+
+def _setup(config: ml_collections.ConfigDict) -> _Setup:
+  device = config_lib.select_device(config)
+  dtype = config_lib.compute_dtype(config, device)
+  corpus = data_lib.load(config, verbose=True)
+  t = config.training
+  train_seqs = _split_sequences(config, corpus)
+  steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), t.batch_size)
+  num_steps = schedule_length(config, t.epochs * steps_per_epoch)
+  schedule = make_schedule(config, num_steps)
+  model = model_lib.build(config, corpus.vocab_size, dtype)
+  with jax.default_device(device):
+    state = create_train_state(config, model, make_optimizer(config, schedule))
+  if config.model.init_from:
+    from jaxlm import export
+    state = state.replace(params=export.load_gpt2_params(config.model.init_from, state.params))
+  return _Setup(config, device, dtype, corpus, train_seqs, steps_per_epoch, t.epochs * steps_per_epoch,
+                num_steps, schedule, model, state, model_lib.count_params(state.params),
+                model_lib.flops_per_token(config, corpus.vocab_size), metrics_lib.peak_flops(device, dtype))
+
+
+def _print_setup(s: _Setup) -> None:
+  t, L = s.config.training, s.config.data.seq_length
+  print(f"devices: {jax.devices()}; training on {s.device.device_kind} ({s.device.platform}), "
+        f"compute dtype {jnp.dtype(s.dtype).name}", flush=True)
+  print(f"config:\n{s.config}", flush=True)
+  print(f"model: {s.num_params:,} parameters, {s.flops_per_token / 1e6:.1f} MFLOP per token (train)")
+  print(f"data: {len(s.train_seqs):,} train sequences of {L} tokens -> {s.steps_per_epoch:,} steps per "
+        f"epoch of batch {t.batch_size}; {s.total_steps:,} steps in {t.epochs} epochs; schedule "
+        f"{s.num_steps:,} steps (warmup {t.warmup_steps:,})", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
   """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
   summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
   config_lib.validate(config)
-  workdir = config.workdir
-  device = config_lib.select_device(config)
-  dtype = config_lib.compute_dtype(config, device)
-  corpus = data_lib.load(config, verbose=True)
-  data_name = os.path.basename(corpus.path)
-  t, L, B = config.training, config.data.seq_length, config.training.batch_size
-  seqs = _split_sequences(config, corpus)
-  # UTF-8 bytes of the tokens each split's loss predicts (all but the first of each sequence).
-  split_bytes = {s: int(corpus.token_bytes[seqs[s][:, 1:]].sum()) for s in ("validation", "test")}
-  steps_per_epoch = data_lib.steps_per_epoch(len(seqs["train"]), B)
-  total_steps = t.epochs * steps_per_epoch
-  num_steps = schedule_length(config, total_steps)
-  schedule = make_schedule(config, num_steps)
-  model = model_lib.build(config, corpus.vocab_size, dtype)
-  with jax.default_device(device):
-    state = create_train_state(config, model, make_optimizer(config, schedule))
-  num_params = model_lib.count_params(state.params)
-  flops_per_token = model_lib.flops_per_token(config, corpus.vocab_size)
-  peak = metrics_lib.peak_flops(device, dtype)
-  print(f"devices: {jax.devices()}; training on {device.device_kind} ({device.platform}), "
-        f"compute dtype {jnp.dtype(dtype).name}", flush=True)
-  print(f"config:\n{config}", flush=True)
-  print(f"model: {num_params:,} parameters, {flops_per_token / 1e6:.1f} MFLOP per token (train)")
-  print(f"data: {len(seqs['train']):,} train sequences of {L} tokens -> {steps_per_epoch:,} steps per "
-        f"epoch of batch {B}; {total_steps:,} steps in {t.epochs} epochs; schedule {num_steps:,} steps "
-        f"(warmup {t.warmup_steps:,})", flush=True)
-
+  config = _init_from(config)
+  config_lib.validate(config)
   if fresh:
-    _move_aside(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  train_fn = jax.jit(functools.partial(train_step, learning_rate_fn=schedule), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, apply_fn=model.apply))
-
+    _move_aside(config.workdir)
+  workdir_lib.create(config.workdir)
   with contextlib.ExitStack() as stack:
-    checkpoints = checkpoint_lib.Checkpoints(workdir)
-    stack.callback(checkpoints.close)  # waits for a save in flight
-    state, loop = _resume(checkpoints, state, config, data_name, num_steps, workdir)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    step = int(state.step)
-    jsonl = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_epochs_up_to=loop.epoch)
-    tb = metrics_lib.TensorBoard(os.path.join(workdir, "tensorboard"), resume_step=step)
-    stack.callback(tb.close)
-    progress = metrics_lib.Progress(total_steps, B * L, flops_per_token, peak)
-    stop = stack.enter_context(_StopRequest())
-    stack.enter_context(jax.default_device(device))
+    stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
+    setup = _setup(config)
+    _print_setup(setup)
+    run = _Run(setup, stack)
+    run.train()
+    return run.test()
 
-    def save(name: str, wait: bool = False, **extra) -> None:
-      meta = {**dataclasses.asdict(loop), "global_step": step, "num_steps": num_steps,
-              "config": config.to_dict(), "data": data_name, **extra}
-      # Only `best` can meet its own step again: a run that died between saving `best` and `last`
-      # redoes the epoch and reaches the same state, already saved.
-      if not checkpoints.save(name, state, meta, wait=wait) and name == "last":
-        raise checkpoint_lib.CheckpointError(f"`last` already holds step {step} in {checkpoints.directory}")
 
-    compiled = False  # the first step in this process compiles: kept out of the throughput figures
-    if loop.bad_epochs >= t.patience or loop.epoch >= t.epochs:
-      print(f"the run in {workdir} is already complete ({loop.epoch} epochs)", flush=True)
-    while loop.bad_epochs < t.patience and loop.epoch < t.epochs:
-      epoch = loop.epoch + 1
-      t_epoch, compile_s, steps_run, pending = time.perf_counter(), 0.0, 0, []
-      start = step - loop.epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-      for tokens in data_lib.train_batches(seqs["train"], B, t.seed, epoch, start):
-        state, step_metrics = train_fn(state, tokens)
-        pending.append(step_metrics)
-        step, steps_run = step + 1, steps_run + 1
-        signum = stop.signum  # read once: a signal may land at any moment
-        end_of_epoch = step == epoch * steps_per_epoch
-        if not compiled:
-          jax.block_until_ready(state)
-          compile_s, compiled = time.perf_counter() - t_epoch, True
-          print(f"compiled and ran the first train step in {compile_s:.1f}s", flush=True)
-          progress.reset(step)
-        if step % t.log_every_steps == 0 or end_of_epoch or signum:
-          # Read the metrics of the last steps at once: the device runs ahead in between.
-          host = jax.device_get(pending)
-          pending = []
-          losses = [float(m["loss"]) for m in host]
-          if not all(map(math.isfinite, losses)):
-            raise TrainingError(
-                f"the training loss became {losses[-1]} by step {step:,} (epoch {epoch}, learning rate "
-                f"{float(host[-1]['learning_rate']):.2e}). Nothing was saved from this epoch; the "
-                f"checkpoints in {workdir} are intact. Lower --config.training.learning_rate (now "
-                f"{t.learning_rate}) or check the data, then re-run to resume from `last`, or add "
-                f"--fresh to start over.")
-          loop.train_loss_sum += math.fsum(losses)
-          loop.train_steps += len(losses)
-          means = {k: float(np.mean([m[k] for m in host])) for k in ("loss", "grad_norm")}
-          means["learning_rate"] = float(host[-1]["learning_rate"])
-          if not signum:  # a stop's partial interval: the resumed run logs it at the interval's end
-            tb.scalars(step, {**means, **progress.rates(step)}, "train")
-          if step % t.log_every_steps == 0:
-            print(progress.line(epoch, t.epochs, step, means["loss"], means["learning_rate"],
-                                epoch * steps_per_epoch - step), flush=True)
-        if signum and not end_of_epoch:  # at an epoch's end, validate and save as usual first
-          save("last")
-          raise Interrupted(signum, step)
-      train_s = time.perf_counter() - t_epoch - compile_s
+class _Run:
+  """One training run in its work directory: the epoch loop and its policy (logging, saving,
+  sampling, stopping), over the state and steps above."""
 
-      val = evaluate(eval_fn, state.params, seqs["validation"], t.eval_batch_size, split_bytes["validation"])
-      if not math.isfinite(val["loss"]):
-        raise TrainingError(f"the validation loss is {val['loss']} after epoch {epoch}: training diverged. "
-                            f"Lower --config.training.learning_rate and re-run with --fresh.")
-      train_loss = loop.train_loss_sum / loop.train_steps
-      loop.epoch, loop.train_loss_sum, loop.train_steps = epoch, 0.0, 0
-      improved = loop.improve(val["loss"])
-      tokens_per_s = steps_run * B * L / train_s if steps_run else None
-      record = {"epoch": epoch, "global_step": step, "train_loss": train_loss, "val_loss": val["loss"],
-                "val_perplexity": val["perplexity"], "val_bpb": val["bpb"],
-                "learning_rate": float(schedule(step - 1)),  # of the epoch's last update
-                "epoch_time_s": time.perf_counter() - t_epoch, "tokens_per_s": tokens_per_s,
-                "mfu": metrics_lib.mfu(tokens_per_s, flops_per_token, peak),
-                "best_val_loss": loop.best_val_loss, "improved": improved}
-      jsonl.write(record)
-      tb.scalars(step, {k: val[k] for k in ("loss", "perplexity", "bpb")}, "val")
-      # `best` first, complete before `last` starts: if the process dies between the two, `last` is
-      # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved.
+  def __init__(self, setup: _Setup, stack: contextlib.ExitStack):
+    self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
+    self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
+    self.state, self.loop = self._resume()
+    # What a model needs besides its checkpoint, for evaluate, generate and export.
+    self.tokenizer = setup.corpus.tokenizer()
+    workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.CONFIG_FILE), self.config.to_dict())
+    workdir_lib.write_atomically(os.path.join(self.workdir, workdir_lib.TOKENIZER_FILE), self.tokenizer.save)
+    self.step = int(self.state.step)
+    self.jsonl = metrics_lib.JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"), keep_epochs_up_to=self.loop.epoch)
+    self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
+    stack.callback(self.tb.close)
+    t, L = self.config.training, self.config.data.seq_length
+    self.progress = metrics_lib.Progress(setup.total_steps, t.batch_size * L, setup.flops_per_token, setup.peak)
+    self.stop = stack.enter_context(_StopRequest())
+    stack.enter_context(jax.default_device(setup.device))
+    self.save_timer = _SaveTimer(self.config, self.step)
+    self.train_fn = jax.jit(functools.partial(train_step, learning_rate_fn=setup.schedule), donate_argnums=0)
+    self.eval_fn = evaluate_lib.make_eval_step(setup.model.apply)
+    self.interval = []  # metrics of the logging interval in progress
+    self.sampler, self.sample_prompt = self._make_sampler()
+    self.compiled = False  # the first step in this process compiles: kept out of the throughput figures
+
+  def _resume(self) -> tuple[TrainState, LoopState]:
+    """(state, LoopState) from `last` when there is one, else the fresh ones."""
+    if not self.checkpoints.exists("last"):
+      return self.s.state, LoopState()
+    meta = self.checkpoints.restore_meta("last")
+    _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
+    state, meta = self.checkpoints.restore("last", self.s.state)
+    loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState)})
+    print(f"resuming from {self.checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
+          f"{int(state.step):,}, best val loss {loop.best_val_loss}", flush=True)
+    return state, loop
+
+  def save(self, name: str, wait: bool = False, **extra) -> None:
+    meta = {**dataclasses.asdict(self.loop), "global_step": self.step, "num_steps": self.s.num_steps,
+            "config": self.config.to_dict(), "data": self.s.data_name, "vocab_size": self.s.corpus.vocab_size,
+            **extra}
+    self.checkpoints.save(name, self.state, meta, wait=wait)
+    if name == "last":
+      self.save_timer.saved(self.step)
+
+  def interrupt(self) -> None:
+    """Saves `last` where the run stands and stops."""
+    with self.stop.saving():
+      self.save("last", wait=True)
+    raise Interrupted(self.stop.signum, self.step)
+
+  def train(self) -> None:
+    t = self.config.training
+    if self.loop.bad_epochs >= t.patience or self.loop.epoch >= t.epochs:
+      print(f"the run in {self.workdir} is already complete ({self.loop.epoch} epochs)", flush=True)
+    while self.loop.bad_epochs < t.patience and self.loop.epoch < t.epochs:
+      t_epoch = time.perf_counter()
+      steps_run, compile_s = self.train_epoch(self.loop.epoch + 1)
+      self.end_epoch(self.loop.epoch + 1, t_epoch, steps_run, time.perf_counter() - t_epoch - compile_s)
+      if self.stop.signum:  # arrived during evaluation or saving: `last` is already this epoch's
+        raise Interrupted(self.stop.signum, self.step)
+      self.progress.reset(self.step)
+
+  def train_epoch(self, epoch: int) -> tuple[int, float]:
+    """Trains to the end of `epoch` from where the run stands; (steps run, compile seconds)."""
+    t, B = self.config.training, self.config.training.batch_size
+    end = epoch * self.s.steps_per_epoch
+    start = self.step - (epoch - 1) * self.s.steps_per_epoch  # > 0 when resuming mid-epoch
+    steps_run, compile_s, pending, t0 = 0, 0.0, [], time.perf_counter()
+    for tokens in data_lib.train_batches(self.s.train_seqs, B, t.seed, epoch, start):
+      self.state, step_metrics = self.train_fn(self.state, tokens)
+      pending.append(step_metrics)
+      self.step, steps_run = self.step + 1, steps_run + 1
+      signum = self.stop.signum  # read once: a signal may land at any moment
+      if not self.compiled:
+        jax.block_until_ready(self.state)
+        compile_s, self.compiled = time.perf_counter() - t0, True
+        print(f"compiled and ran the first train step in {compile_s:.1f}s", flush=True)
+        self.progress.reset(self.step)
+      save_due = self.step != end and (signum or self.save_timer.due(self.step))
+      if self.step % t.log_every_steps == 0 or self.step == end or save_due:
+        self.log_steps(epoch, jax.device_get(pending), signum)  # the device runs ahead in between
+        pending = []
+      if save_due:  # at an epoch's end, validate and save as usual first
+        if signum:
+          self.interrupt()
+        self.save("last")
+    return steps_run, compile_s
+
+  def log_steps(self, epoch: int, host: list[dict], signum: int | None) -> None:
+    """Adds the last steps' metrics to the epoch's and to the logging interval's; at the interval's
+    (or the epoch's) end, logs the interval's means to TensorBoard and prints a progress line. A
+    stop's partial interval is not logged: the resumed run logs it."""
+    t, end = self.config.training, epoch * self.s.steps_per_epoch
+    self.checkpoints.check()  # a background save that failed stops the run here
+    losses = [float(m["loss"]) for m in host]
+    if not all(map(math.isfinite, losses)):
+      raise TrainingError(
+          f"the training loss became {losses[-1]} by step {self.step:,} (epoch {epoch}, learning rate "
+          f"{float(host[-1]['learning_rate']):.2e}). Nothing was saved from this epoch; the "
+          f"checkpoints in {self.workdir} are intact. Lower --config.training.learning_rate (now "
+          f"{t.learning_rate}) or check the data, then re-run to resume from `last`, or add "
+          f"--fresh to start over.")
+    self.loop.train_loss_sum += math.fsum(losses)
+    self.loop.train_steps += len(losses)
+    self.interval += host
+    if signum or not (self.step % t.log_every_steps == 0 or self.step == end):
+      return
+    means = {k: float(np.mean([m[k] for m in self.interval])) for k in ("loss", "grad_norm")}
+    means["learning_rate"] = float(self.interval[-1]["learning_rate"])
+    self.interval = []
+    self.tb.scalars(self.step, {**means, **self.progress.rates(self.step)}, "train")
+    if self.step % t.log_every_steps == 0:
+      print(self.progress.line(epoch, t.epochs, self.step, means["loss"], means["learning_rate"],
+                               end - self.step), flush=True)
+
+  def end_epoch(self, epoch: int, t_epoch: float, steps_run: int, train_s: float) -> None:
+    """Validates, samples, logs and saves after `epoch`'s last step."""
+    t, L = self.config.training, self.config.data.seq_length
+    val = self.evaluate("validation")
+    if val is None:  # stopped during evaluation
+      self.interrupt()
+    if not math.isfinite(val["loss"]):
+      raise TrainingError(f"the validation loss is {val['loss']} after epoch {epoch}: training diverged. "
+                          f"Lower --config.training.learning_rate and re-run with --fresh.")
+    train_loss = self.loop.train_loss_sum / self.loop.train_steps
+    self.loop.epoch, self.loop.train_loss_sum, self.loop.train_steps = epoch, 0.0, 0
+    improved = self.loop.improve(val["loss"])
+    tokens_per_s = steps_run * t.batch_size * L / train_s if steps_run else None
+    record = {"epoch": epoch, "global_step": self.step, "train_loss": train_loss, "val_loss": val["loss"],
+              "val_perplexity": val["perplexity"], "val_bpb": val["bpb"],
+              "val_word_perplexity": val["word_perplexity"],
+              "learning_rate": float(self.s.schedule(self.step - 1)),  # of the epoch's last update
+              "epoch_time_s": time.perf_counter() - t_epoch, "tokens_per_s": tokens_per_s,
+              "mfu": metrics_lib.mfu(tokens_per_s, self.s.flops_per_token, self.s.peak),
+              "best_val_loss": self.loop.best_val_loss, "improved": improved}
+    self.jsonl.write(record)
+    self.tb.scalars(self.step, {k: val[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")}, "val")
+    self.sample(epoch)
+    # `best` first, complete before `last` starts: if the process dies between the two, `last` is
+    # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved.
+    with self.stop.saving():
       if improved:
-        save("best", wait=True, val_loss=val["loss"])
-      save("last", val_loss=val["loss"])
-      verdict = (" | best, saved" if improved else
-                 f" | no improvement ({loop.bad_epochs}/{t.patience} epochs of patience)")
-      print(f"epoch {epoch}/{t.epochs} | step {step:,} | train loss {train_loss:.4f} | val loss "
-            f"{val['loss']:.4f} | val ppl {val['perplexity']:.2f} | val bpb {val['bpb']:.4f} | "
-            f"{tokens_per_s or 0:,.0f} tok/s | {record['epoch_time_s']:.0f}s{verdict}", flush=True)
-      if loop.bad_epochs >= t.patience:
-        print(f"early stopping: no better validation loss for {t.patience} epochs", flush=True)
-      if stop.signum:  # arrived during evaluation or saving: `last` is already this epoch's
-        raise Interrupted(stop.signum, step)
-      progress.reset(step)
+        self.save("best", wait=True, val_loss=val["loss"])
+      self.save("last", val_loss=val["loss"])
+    verdict = (" | best, saved" if improved else
+               f" | no improvement ({self.loop.bad_epochs}/{t.patience} epochs of patience)")
+    print(f"epoch {epoch}/{t.epochs} | step {self.step:,} | train loss {train_loss:.4f} | val loss "
+          f"{val['loss']:.4f} | val ppl {val['perplexity']:.2f} | val bpb {val['bpb']:.4f} | "
+          f"{tokens_per_s or 0:,.0f} tok/s | {record['epoch_time_s']:.0f}s{verdict}", flush=True)
+    if self.loop.bad_epochs >= t.patience:
+      print(f"early stopping: no better validation loss for {t.patience} epochs", flush=True)
 
-    # Test the best model.
-    best_state, _ = checkpoints.restore("best", state)
-    test = evaluate(eval_fn, best_state.params, seqs["test"], t.eval_batch_size, split_bytes["test"])
-    tb.scalars(step, {k: test[k] for k in ("loss", "perplexity", "bpb")}, "test")
-  summary = {"epochs": loop.epoch, "global_step": step, "stopped_early": loop.bad_epochs >= t.patience,
-             "best_epoch": loop.best_epoch, "best_val_loss": loop.best_val_loss, "num_params": num_params,
-             **{f"test_{k}": v for k, v in test.items()}}
-  _write_json(os.path.join(workdir, "test_metrics.json"), summary)
-  print(f"test (best epoch {loop.best_epoch}): loss {test['loss']:.4f} | ppl {test['perplexity']:.2f} | "
-        f"bpb {test['bpb']:.4f}", flush=True)
-  print("summary: " + json.dumps(summary), flush=True)
-  return summary
+  def evaluate(self, split: str, params=None) -> dict | None:
+    """Exact metrics of `split` (None if a stop was requested meanwhile)."""
+    corpus = self.s.corpus
+    return evaluate_lib.evaluate(self.eval_fn, self.state.params if params is None else params,
+                                 corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
+                                 self.config.data.seq_length, batch_size=self.config.training.eval_batch_size,
+                                 stop=lambda: self.stop.signum is not None)
+
+  def _make_sampler(self) -> tuple:
+    """(the jitted sampler, the prompt's ids) for samples while training; (None, None) when off."""
+    s = self.config.sample
+    if not s.max_new_tokens:
+      return None, None
+    prompt = generate_lib.encode_prompt(self.tokenizer, s.prompt, self.s.model.max_seq_length)
+    return generate_lib.make_sampler(self.s.model, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                     self.tokenizer.token_to_id(generate_lib.END_OF_TEXT)), prompt
+
+  def sample(self, epoch: int) -> None:
+    """A sample from the fixed prompt, on the console and in TensorBoard (sample.* in the config)."""
+    if self.sampler is None or self.stop.signum:
+      return
+    tokens, lengths = self.sampler(self.state.params, *generate_lib.pad_prompts([self.sample_prompt]),
+                                   self.config.sample.seed)
+    (new,) = generate_lib.completions(tokens, lengths, [len(self.sample_prompt)],
+                                      self.tokenizer.token_to_id(generate_lib.END_OF_TEXT))
+    text = self.tokenizer.decode(self.sample_prompt + new)
+    print(f"sample after epoch {epoch}: {text!r}", flush=True)
+    self.tb.text(self.step, "sample", text)
+
+  def test(self) -> dict:
+    """Evaluates `best` on the test split; the run's summary, also in test_metrics.json."""
+    best_state, _ = self.checkpoints.restore("best", self.state)
+    test = self.evaluate("test", best_state.params)
+    if test is None:
+      raise Interrupted(self.stop.signum, self.step)  # `last` is final: re-running tests again
+    # One step past the last: re-running a finished run (it tests again) hides the earlier points.
+    self.tb.scalars(self.step + 1, {k: test[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")}, "test")
+    loop, t = self.loop, self.config.training
+    summary = {"epochs": loop.epoch, "global_step": self.step, "stopped_early": loop.bad_epochs >= t.patience,
+               "best_epoch": loop.best_epoch, "best_val_loss": loop.best_val_loss, "num_params": self.s.num_params,
+               **{f"test_{k}": test[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")},
+               "test_mode": test["mode"]}
+    workdir_lib.write_json(os.path.join(self.workdir, "test_metrics.json"), summary)
+    print(evaluate_lib.summary_line(f"test (best epoch {loop.best_epoch})", test), flush=True)
+    print("summary: " + json.dumps(summary), flush=True)
+    return summary

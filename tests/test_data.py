@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def test_prepare_trains_tokenizer_and_round_trips(tiny_config, corpus_dir):
   assert np.array_equal(ids, tok.encode(text, add_special_tokens=False).ids)
   meta = corpus.meta
   assert meta["splits"]["validation"] == {"rows": text.count("\n") + 1, "tokens": len(ids),
-                                          "bytes": len(text.encode("utf-8"))}
+                                          "bytes": len(text.encode("utf-8")), "words": len(text.split())}
   # token_bytes gives the exact UTF-8 length of any token sequence
   assert corpus.token_bytes[np.asarray(ids)].sum() == len(text.encode("utf-8"))
 
@@ -84,7 +85,7 @@ def test_a_crash_while_writing_leaves_no_cache(tiny_config, monkeypatch):
     real_save(path, array)
 
   monkeypatch.setattr(data_lib.np, "save", save_then_crash)
-  with pytest.raises(OSError, match="simulated"):
+  with pytest.raises(data_lib.DataError, match=r"cannot write the data cache in .* \(disk full \(simulated\)\)"):
     data_lib.load(tiny_config)
   assert cache_folders(tiny_config) == []  # neither a half-written cache nor a temporary folder
   monkeypatch.setattr(data_lib.np, "save", real_save)
@@ -112,6 +113,65 @@ def test_parquet_and_raw_names_give_the_same_tokens(tiny_config, tmp_path):
   for split in data_lib.SPLITS:
     assert np.array_equal(from_text.tokens[split], from_raw.tokens[split])
     assert np.array_equal(from_text.tokens[split], from_parquet.tokens[split])
+
+
+def rewrite_meta(path, **changes):
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  meta.update(changes)
+  with open(os.path.join(path, "meta.json"), "w") as f:
+    json.dump(meta, f)
+
+
+@pytest.mark.parametrize("damage", ["another split", "truncated", "ids beyond the vocabulary", "wrong dtype",
+                                    "no meta.json", "tokenizer.json edited"])
+def test_a_damaged_cache_is_rebuilt_never_used(tiny_config, capsys, damage):
+  original = data_lib.load(tiny_config)
+  path = original.path
+  train = np.asarray(original.tokens["train"]).copy()
+  del original
+  train_npy = os.path.join(path, "train.npy")
+  if damage == "another split":  # another split's array in its place: the silent-training case
+    shutil.copy(os.path.join(path, "validation.npy"), train_npy)
+  elif damage == "truncated":
+    with open(train_npy, "r+b") as f:
+      f.truncate(os.path.getsize(train_npy) // 2)
+  elif damage in ("ids beyond the vocabulary", "wrong dtype"):
+    # Checksums updated as well: the other checks must catch it on their own.
+    bad = train.copy()
+    if damage == "wrong dtype":
+      bad = bad.astype(np.int64)
+    else:
+      bad[5] = 60_000
+    np.save(train_npy, bad)
+    with open(os.path.join(path, "meta.json")) as f:
+      sha = json.load(f)["sha256"]
+    rewrite_meta(path, sha256={**sha, "train.npy": data_lib._file_sha256(train_npy)})
+  elif damage == "no meta.json":
+    os.remove(os.path.join(path, "meta.json"))
+  else:
+    with open(os.path.join(path, "tokenizer.json"), "a") as f:
+      f.write(" ")
+  capsys.readouterr()
+  rebuilt = data_lib.load(tiny_config)
+  out = capsys.readouterr().out
+  assert f"data: WARNING: the cache {path} is damaged (" in out and "rebuilding it" in out
+  assert rebuilt.path == path and np.array_equal(rebuilt.tokens["train"], train)
+  assert cache_folders(tiny_config) == [os.path.basename(path)]  # nothing left aside
+  again = data_lib.load(tiny_config, verbose=True)  # and the rebuilt cache is trusted
+  assert "cache hit" in capsys.readouterr().out and np.array_equal(again.tokens["train"], train)
+
+
+def test_text_that_is_not_utf8_or_not_text_is_named(tiny_config, corpus_dir):
+  path = os.path.join(corpus_dir, "test.txt")
+  with open(path, "ab") as f:
+    f.write(" Caf\xe9 .\n".encode("latin-1"))
+  with pytest.raises(data_lib.DataError, match=rf"{path} is not UTF-8 text \(byte 0xe9 at offset [\d,]+ cannot"):
+    data_lib.load(tiny_config)
+  with open(path, "wb") as f:
+    f.write(b"\x7fELF\x02\x01\x01\x00\x00")
+  with pytest.raises(data_lib.DataError, match=rf"{path} is not text \(a NUL byte at offset 7\)"):
+    data_lib.load(tiny_config)
 
 
 def test_empty_split_is_a_clear_error(tiny_config, corpus_dir):
@@ -189,15 +249,6 @@ def test_batch_order_is_deterministic_shuffled_and_resumable():
   for k in (0, 5, 15):
     resumed = list(data_lib.train_batches(seqs, B, seed=0, epoch=1, start=k))
     assert len(resumed) == 16 - k and all(np.array_equal(a, b) for a, b in zip(epoch1[k:], resumed))
-
-
-def test_eval_batches_cover_every_sequence_with_a_mask():
-  seqs = np.arange(7 * 3, dtype=np.uint16).reshape(7, 3)
-  batches = list(data_lib.eval_batches(seqs, 3))
-  assert len(batches) == 3 and all(t.shape == (3, 3) for t, _ in batches)
-  tokens = np.concatenate([t[m] for t, m in batches])
-  assert np.array_equal(tokens, seqs)
-  assert batches[-1][1].tolist() == [True, False, False]
 
 
 # ------------------------------------------------------------------------------------ real WikiText

@@ -18,6 +18,7 @@ from jaxlm import data as data_lib
 from jaxlm import inspect as inspect_lib
 from jaxlm import model as model_lib
 from jaxlm import train as train_lib
+from jaxlm import workdir as workdir_lib
 
 from conftest import BASE_CONFIG, subprocess_env, write_corpus
 
@@ -32,7 +33,7 @@ def fresh_state(config, vocab_size):
 
 
 def restore(workdir, name, config, vocab_size):
-  checkpoints = checkpoint_lib.Checkpoints(workdir, create=False)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, writer=False)
   try:
     return checkpoints.restore(name, fresh_state(config, vocab_size))
   finally:
@@ -82,6 +83,17 @@ def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
     test_metrics = json.load(f)
   assert test_metrics == json.loads(json.dumps(summary))
   assert summary["test_perplexity"] == pytest.approx(np.exp(summary["test_loss"]))
+  assert summary["test_mode"] == "disjoint windows of 32 tokens" and summary["test_word_perplexity"] > 1
+  assert (df["val_word_perplexity"] > df["val_perplexity"]).all()  # more than one token per word
+  # Samples from the fixed prompt after each validation, in TensorBoard's text tab.
+  samples = text_events(workdir, "sample")
+  assert [step for step, _ in samples] == df["global_step"].tolist()
+  assert all(text.startswith(tiny_config.sample.prompt) and len(text) > len(tiny_config.sample.prompt)
+             for _, text in samples)
+  # The work directory holds what using the model needs: its config and its tokenizer.
+  with open(os.path.join(workdir, "tokenizer.json")) as f, open(os.path.join(data_lib.load(tiny_config).path,
+                                                                            "tokenizer.json")) as g:
+    assert f.read() == g.read()
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f) == tiny_config.to_dict()
   report = inspect_lib.describe(workdir)
@@ -104,7 +116,7 @@ def test_early_stopping_after_exactly_patience_epochs_and_best_only_on_improveme
   assert df["epoch"].tolist() == [1, 2, 3, 4]  # 1 improvement (from nothing), then 3 without
   assert df["improved"].tolist() == [True, False, False, False]
   assert summary["stopped_early"] and summary["best_epoch"] == 1
-  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False)
   steps_per_epoch = int(df["global_step"][0])
   assert checkpoints.step("best") == steps_per_epoch  # written once, at epoch 1
   assert checkpoints.step("last") == 4 * steps_per_epoch
@@ -149,9 +161,9 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
   output += process.stdout.readlines()
   assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)
   text = "".join(output)
-  assert "SIGTERM: stopping after this step and saving a checkpoint" in text
+  assert "SIGTERM: stopping once the steps already under way are done, and saving a checkpoint" in text
   assert "Re-run the same command to resume" in text and "Traceback" not in text
-  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False)
   interrupted_at = checkpoints.step("last")
   checkpoints.close()
   assert 0 < interrupted_at < total
@@ -175,6 +187,30 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
     assert ours[tag] == theirs[tag], tag  # every point, once, with the same values
   # Training loss is a mean over each logging interval: the interrupted one averages fewer steps.
   assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
+
+
+def text_events(workdir, tag) -> list[tuple[int, str]]:
+  events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(f"{tag}/text_summary")]
+
+
+def test_the_work_directory_lock_admits_one_run(tmp_path):
+  workdir = str(tmp_path / "run")
+  workdir_lib.create(workdir)
+  lock_file = os.path.join(workdir, "run.lock")
+  with workdir_lib.Lock(workdir):
+    with open(lock_file) as f:
+      assert json.load(f)["pid"] == os.getpid()
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"{workdir} is in use by another run \(pid {os.getpid()} "
+                                                        rf"on host .*, started .*\)\. Wait for it"):
+      workdir_lib.Lock(workdir).__enter__()
+  assert not os.path.exists(lock_file)  # released
+  with open(lock_file, "w") as f:  # left by a killed run: its process is gone, so is its flock
+    json.dump({"host": "elsewhere", "pid": 1, "started": "yesterday"}, f)
+  with workdir_lib.Lock(workdir):
+    with open(lock_file) as f:
+      assert json.load(f)["pid"] == os.getpid()
 
 
 def scalars(workdir) -> dict:
@@ -211,7 +247,7 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
     with pytest.raises(train_lib.Interrupted, match=f"SIGINT at step {at}"):
       train_lib.train_and_evaluate(tiny_config)
     monkeypatch.undo()
-    assert checkpoint_lib.Checkpoints(tiny_config.workdir, create=False).step("last") == at
+    assert checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False).step("last") == at
     assert train_lib.train_and_evaluate(tiny_config) == reference_summary
     vocab = data_lib.load(tiny_config).vocab_size
     for name in ("last", "best"):
@@ -316,7 +352,7 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny
   tiny_config.training.learning_rate = 1e30  # diverges within a few steps
   with pytest.raises(train_lib.TrainingError, match=r"the training loss became (nan|inf).*checkpoints .* are intact"):
     train_lib.train_and_evaluate(tiny_config)
-  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, create=False)
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False)
   assert checkpoints.restore_meta("last")["epoch"] == 1
   checkpoints.close()
   pd.testing.assert_frame_equal(read_metrics(tiny_config.workdir), before)

@@ -1,0 +1,110 @@
+"""What every `python -m jaxlm.<command>` shares: flag parsing and how a failure ends.
+
+A failure the user can fix ends in one line, `error: ...`, naming the thing to fix: exit status 2
+for the command line itself (a bad flag, a mistyped config key, a config file that cannot be
+loaded), 1 for everything else (a `UserError`, or an operating-system error such as a full disk).
+`--verbose` shows the traceback and the libraries' logs instead. A bug is still a traceback.
+"""
+import logging as std_logging
+import re
+import signal
+import sys
+import warnings
+from typing import Callable
+
+from absl import app, flags, logging
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print the traceback and the libraries' log "
+                             "messages instead of one line.")
+
+
+class UserError(Exception):
+  """A failure the user can fix; its message says how. Ends the command with `error: <message>`."""
+
+
+class UsageError(UserError):
+  """A bad command line (exit status 2)."""
+
+
+def run(main: Callable[[list[str]], None], config_flag: str | None = None) -> None:
+  """app.run(main) with one-line errors. `config_flag` names an ml_collections config flag whose
+  file is loaded while parsing, so that a missing or broken config file is a usage error too."""
+  app.run(lambda argv: _call(main, argv), flags_parser=lambda argv: _parse(argv, config_flag))
+
+
+def _parse(argv: list[str], config_flag: str | None) -> list[str]:
+  try:
+    rest = flags.FLAGS(argv)
+    if config_flag:
+      flags.FLAGS[config_flag].value.keys()  # a config file that failed to load raises here
+    return rest
+  except SystemExit:  # --help
+    raise
+  except Exception as e:  # flags and config_flags raise many types for a bad command line
+    _exit_usage(_describe_flag_error(e, argv))
+
+
+def _describe_flag_error(e: Exception, argv: list[str]) -> str:
+  text = str(e).strip()
+  # ml_collections on a mistyped override: 'learning_rat'\nDid you mean "learning_rate" instead of ...
+  typo = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if typo:
+    suggestion, wrong = typo.groups()
+    flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(wrong)}(\.|$)", a.split("=")[0])),
+                wrong)
+    return f"{flag}: unknown config key '{wrong}' (did you mean '{suggestion}'?)"
+  if isinstance(e, (KeyError, AttributeError)):
+    key = text.splitlines()[0].strip("'\"")
+    flag = next((a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{key}")), f"--...{key}")
+    return f"{flag}: unknown config key '{key}' (see the config file for the keys)"
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if "earlier failure to load" in text or "Traceback" in text:  # config_flags: the file is missing or raised
+    return f"cannot load the config file: {lines[-1]}"
+  return "; ".join(lines[:3])
+
+
+def _exit_usage(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(2)
+
+
+def _without_closed_loop_noise(unraisablehook):
+  """After a failed background save, tensorstore's callbacks keep calling into orbax's closed event
+  loop and print a traceback each; the failure itself is reported in one line."""
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+      unraisablehook(unraisable)
+  return hook
+
+
+def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  verbose = _VERBOSE.value
+  if not verbose and not flags.FLAGS["verbosity"].present:
+    # orbax and datasets log at length, also about failures this module reports in one line.
+    logging.set_verbosity(logging.FATAL)
+    std_logging.getLogger().setLevel(std_logging.CRITICAL)
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)  # the same
+  try:
+    main(argv)
+  except UsageError as e:
+    if verbose:
+      raise
+    _exit_usage(str(e))
+  except UserError as e:
+    if verbose:
+      raise
+    raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # a full disk, a missing permission, a path that is a file, ...
+    if verbose or e.errno is None:
+      raise
+    where = f": {e.filename}" if e.filename else ""
+    raise SystemExit(f"error: {e.strerror}{where}") from None
+  except KeyboardInterrupt:  # a Ctrl-C before the command could stop cleanly, or a second one
+    if verbose:
+      raise
+    print("\ninterrupted; what was already saved is intact", file=sys.stderr, flush=True)
+    raise SystemExit(130) from None
+  finally:
+    # Everything is saved: a Ctrl-C while Python shuts down ends the process plainly (no traceback).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -1,0 +1,156 @@
+"""How well a model predicts a split of text, exactly, and the command line that measures it.
+
+    python -m jaxlm.evaluate --workdir=runs/experiment_1 --split=test [--stride=64] [--json]
+
+The split's tokens are cut into windows of `context` tokens that start `stride` tokens apart; a
+window scores the tokens its predecessor did not, so every token but the split's first (which has
+nothing to be predicted from) is scored exactly once, whatever the mode:
+- disjoint windows (stride = context - 1, the default, and what training validates with): each
+  window scores all its tokens, so a token sees 0 to context - 2 tokens before it;
+- a sliding window (stride < context - 1, how published WikiText perplexities are measured): each
+  window scores only its last `stride` tokens, each seeing at least context - stride - 1 before it.
+Reported: loss per token (nats), perplexity, bits per byte (comparable across tokenizers) and
+word-level perplexity (the split's total loss over its whitespace-separated words, the number
+people compare on WikiText-2), each with the mode that produced it.
+"""
+import math
+import sys
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import model as model_lib
+from jaxlm.cli import UserError
+
+
+class EvaluateError(UserError):
+  """Bad input to an evaluation; the message says what to fix."""
+
+
+def describe_mode(context: int, stride: int) -> str:
+  if stride == context - 1:
+    return f"disjoint windows of {context} tokens"
+  return f"sliding window of {context} tokens, stride {stride}"
+
+
+def windows(tokens: np.ndarray, context: int, stride: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(int32 [batch_size, context] tokens, bool [batch_size, context - 1] weights of the targets each
+  window scores: target j is token j + 1). The last batch is padded with windows of weight 0, so
+  that one compiled step serves every batch."""
+  n = len(tokens)
+  if not 1 <= stride <= context - 1:
+    raise EvaluateError(f"stride = {stride} must be between 1 and the context - 1 = {context - 1}")
+  if n < 2:
+    raise EvaluateError(f"the split has {n} token(s): nothing to predict")
+  starts = np.arange(0, max(n - context, 0) + stride, stride)  # the last is the first >= n - context
+  target = np.arange(1, context)
+  for i in range(0, len(starts), batch_size):
+    s_B1 = np.pad(starts[i:i + batch_size], (0, max(0, i + batch_size - len(starts))), constant_values=n)[:, None]
+    scored = (target >= context - stride) | (s_B1 == 0)  # what the previous window did not score
+    weights = scored & (s_B1 + target < n)
+    ids = np.asarray(tokens[np.minimum(s_B1 + np.arange(context), n - 1)], np.int32)
+    yield ids, weights
+
+
+def make_eval_step(apply_fn) -> Callable:
+  """jitted (params, tokens_BW, weights_BT) -> (summed loss, scored token count)."""
+
+  @jax.jit
+  def eval_step(params, tokens_BW, weights_BT):
+    logits_BWV = apply_fn({"params": params}, tokens_BW, deterministic=True)
+    losses_BT = model_lib.next_token_losses(logits_BWV, tokens_BW)
+    return jnp.sum(jnp.where(weights_BT, losses_BT, 0.0)), jnp.sum(weights_BT, dtype=jnp.int32)
+
+  return eval_step
+
+
+def evaluate(eval_step, params, tokens: np.ndarray, token_bytes: np.ndarray, num_words: int | None,
+             context: int, stride: int | None = None, batch_size: int = 16,
+             stop: Callable[[], bool] = lambda: False) -> dict | None:
+  """Loss, perplexity, bits per byte and word-level perplexity of `tokens` (one split), or None if
+  `stop()` turned true on the way (checked between batches: a stop waits at most for two)."""
+  stride = context - 1 if stride is None else stride
+  in_flight, sums = [], []
+  for batch in windows(tokens, context, stride, batch_size):
+    if stop():
+      return None
+    in_flight.append(eval_step(params, *batch))
+    if len(in_flight) > 2:  # the device works ahead, but not far: a stop is heard quickly
+      sums.append(jax.device_get(in_flight.pop(0)))
+  sums += jax.device_get(in_flight)
+  nats = math.fsum(float(s) for s, _ in sums)
+  count = sum(int(c) for _, c in sums)
+  num_bytes = int(token_bytes[np.asarray(tokens[1:], np.int64)].sum())
+  assert count == len(tokens) - 1, (count, len(tokens))  # every token but the first, once
+  loss = nats / count
+  return {"mode": describe_mode(context, stride), "context": context, "stride": stride, "tokens": count,
+          "bytes": num_bytes, "words": num_words, "loss": loss, "perplexity": _exp(loss),
+          "bpb": nats / (math.log(2) * num_bytes),
+          "word_perplexity": _exp(nats / num_words) if num_words else None}
+
+
+def _exp(x: float) -> float:
+  return math.exp(min(x, 700.0))
+
+
+def summary_line(name: str, result: dict) -> str:
+  word = f" | word ppl {result['word_perplexity']:.2f}" if result.get("word_perplexity") else ""
+  return (f"{name} ({result['mode']}): loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | bpb "
+          f"{result['bpb']:.4f}{word} | {result['tokens']:,} tokens")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A run's work directory (its config.workdir).")
+  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "The split to measure.")
+  flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to measure.")
+  flags.DEFINE_string("data_dir", None, "A folder with the split's text (as data.data_dir); default: the "
+                      "run's own data source.")
+  flags.DEFINE_integer("stride", None, "Sliding-window evaluation: tokens between windows, 1 to context - 1 "
+                       "(each token then sees at least context - stride - 1 before it). Default: disjoint "
+                       "windows (stride = context - 1).")
+  flags.DEFINE_integer("context", None, "Window length in tokens, up to the model's positions; default: the "
+                       "run's data.seq_length.")
+  flags.DEFINE_integer("batch_size", None, "Windows per batch; default: the run's training.eval_batch_size.")
+  flags.DEFINE_string("device", "auto", "auto, cpu, gpu or tpu.")
+  flags.DEFINE_bool("json", False, "Print the result as one JSON object.")
+  flags.mark_flag_as_required("workdir")
+
+
+def main(argv) -> None:
+  import json
+  import os
+
+  from absl import flags
+
+  from jaxlm import cli, data, workdir
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
+  config = trained.config
+  context = FLAGS.context or config.data.seq_length
+  if not 2 <= context <= trained.context:
+    raise EvaluateError(f"--context={context} must be between 2 and the model's {trained.context} positions")
+  if FLAGS.data_dir:
+    config.data.data_dir = FLAGS.data_dir
+  source = data.source_spec(config)
+  lines = data.read_rows(config, source, [FLAGS.split])[FLAGS.split]
+  tokens = data.encode(trained.tokenizer, lines)
+  where = source.get("dir") or f"hub {source['name']}/{source['config']}"
+  print(f"{trained.path}: {FLAGS.split} split of {where}, {len(tokens):,} tokens", file=sys.stderr, flush=True)
+  result = evaluate(make_eval_step(trained.model.apply), trained.params, tokens,
+                    data.token_byte_lengths(trained.tokenizer), data.count_words(lines), context, FLAGS.stride,
+                    FLAGS.batch_size or config.training.eval_batch_size)
+  result = {"workdir": os.path.abspath(FLAGS.workdir), "checkpoint": FLAGS.checkpoint,
+            "step": trained.meta["global_step"], "split": FLAGS.split, **result}
+  print(json.dumps(result) if FLAGS.json else summary_line(FLAGS.split, result), flush=True)
+
+
+if __name__ == "__main__":
+  from jaxlm import cli
+  _define_flags()
+  cli.run(main)

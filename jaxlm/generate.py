@@ -1,0 +1,252 @@
+"""Text from a trained model: autoregressive sampling with a KV cache, and its command line.
+
+    python -m jaxlm.generate --workdir=runs/experiment_1 --prompt="The meaning of life is"
+
+`make_sampler` compiles the whole decode loop once: the prompts are prefilled in one call of the
+model's decode mode, then a `lax.while_loop` feeds one token per step, updating the cache in place.
+Rows are prompts of any lengths (right-padded; each row keeps its own position). Once a row would
+pass the model's context, every row continues over a sliding window: the last `context` tokens are
+run through the model again for each new token (learned positions cannot be shifted in a cache), as
+nanoGPT does. A row ends at the end-of-text token. Temperature 0 is greedy; top-k and top-p (nucleus)
+cut the distribution before sampling. Randomness: fold_in(PRNGKey(seed), step), so a seed repeats.
+"""
+import functools
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxlm import model as model_lib
+from jaxlm.cli import UserError
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class GenerateError(UserError):
+  """Bad input to generation; the message says what to fix."""
+
+
+def check_settings(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+  if temperature < 0:
+    raise GenerateError(f"temperature = {temperature} must be >= 0 (0 is greedy)")
+  if not 0 < top_p <= 1:
+    raise GenerateError(f"top_p = {top_p} must be in (0, 1] (1 turns it off)")
+  if top_k < 0:
+    raise GenerateError(f"top_k = {top_k} must be >= 0 (0 turns it off)")
+  if max_new_tokens < 0:
+    raise GenerateError(f"max_new_tokens = {max_new_tokens} must be >= 0")
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """-inf outside the top_k most likely tokens and outside the smallest set whose probability
+  reaches top_p (the most likely token is always kept)."""
+  if top_k and top_k < logits_BV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability of the tokens ranked above
+    kept_BV = before_BV < top_p
+    cutoff_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def sample_token(key: jax.Array, logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """int32 [B]: the next token of each row."""
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = filter_logits(logits_BV / temperature, top_k, top_p)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, end_id: int | None = None,
+                 stream: Callable[[np.ndarray], None] | None = None):
+  """A jitted fn(params, tokens_BP, lengths_B, seed) -> (tokens [B, P + max_new_tokens], lengths [B]):
+  row b's prompt is tokens_BP[b, :lengths_B[b]] (each at most the model's context); the result holds
+  the prompt and what follows it, up to the row's final length (an end token included). `stream`,
+  when given, receives each step's new tokens [B] on the host as they are made."""
+  check_settings(temperature, top_k, top_p, max_new_tokens)
+  context = model.max_seq_length
+  end = -1 if end_id is None else end_id
+
+  def next_logits(params, tokens_BT, lengths_B):
+    """Logits of the token after each row's last, from the last `context` tokens (no cache)."""
+    start_B = jnp.maximum(lengths_B - context, 0)
+    window_BC = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (context,)))(tokens_BT, start_B)
+    logits_BCV = model.apply({"params": params}, window_BC)
+    return jnp.take_along_axis(logits_BCV, (lengths_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
+
+  def append(carry, key):
+    """Samples each row's next token from carry's logits and writes it after the row's last."""
+    step, tokens_BT, lengths_B, done_B, logits_BV, extra = carry
+    new_B = sample_token(jax.random.fold_in(key, step), logits_BV, temperature, top_k, top_p)
+    new_B = jnp.where(done_B, end, new_B)
+    tokens_BT = tokens_BT.at[jnp.arange(tokens_BT.shape[0]), lengths_B].set(new_B)
+    if stream is not None:
+      io_callback(stream, None, new_B, ordered=True)
+    return step + 1, tokens_BT, lengths_B + ~done_B, done_B | (new_B == end), new_B, extra
+
+  @jax.jit
+  def sample(params, tokens_BP, lengths_B, seed):
+    B, P = tokens_BP.shape
+    key = jax.random.PRNGKey(seed)
+    tokens_BT = jnp.concatenate([tokens_BP, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
+    # Prefill every row's prompt in one call; each row's cache index then sits at its own length.
+    cache = model_lib.init_cache(model, B, context)
+    logits_BPV, variables = model.apply({"params": params, "cache": cache}, tokens_BP, decode=True,
+                                        mutable=["cache"])
+    cache = {**variables["cache"], "index": lengths_B}
+    logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    carry = (0, tokens_BT, lengths_B, jnp.zeros(B, bool), logits_BV, cache)
+
+    def going(carry):
+      step, _, lengths_B, done_B, _, _ = carry
+      return (step < max_new_tokens) & ~jnp.all(done_B)
+
+    def cached_step(carry):  # feeds the new token at its position, attending to the cache
+      step, tokens_BT, lengths_B, done_B, new_B, cache = append(carry, key)
+      logits_B1V, variables = model.apply({"params": params, "cache": cache}, new_B[:, None], decode=True,
+                                          mutable=["cache"])
+      return step, tokens_BT, lengths_B, done_B, logits_B1V[:, 0], variables["cache"]
+
+    # While every row's next token has a position in the cache (rows that ended stay in place).
+    carry = jax.lax.while_loop(lambda c: going(c) & (jnp.max(c[2]) < context), cached_step, carry)
+    if P + max_new_tokens > context:  # the sliding window, past the context
+
+      def window_step(carry):
+        step, tokens_BT, lengths_B, done_B, _, extra = append(carry, key)
+        return step, tokens_BT, lengths_B, done_B, next_logits(params, tokens_BT, lengths_B), extra
+
+      carry = jax.lax.while_loop(going, window_step, carry)
+    return carry[1], carry[2]
+
+  return sample
+
+
+def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """(int32 [B, P] right-padded with 0, int32 [B] lengths)."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((len(prompts), max(lengths)), np.int32)
+  for row, p in zip(tokens, prompts):
+    row[:len(p)] = p
+  return tokens, lengths
+
+
+def completions(tokens_BT: np.ndarray, lengths_B: np.ndarray, prompt_lengths: list[int],
+                end_id: int | None) -> list[list[int]]:
+  """The new tokens of each row, without the end token."""
+  out = []
+  for row, n, p in zip(np.asarray(tokens_BT), np.asarray(lengths_B), prompt_lengths):
+    new = row[p:n].tolist()
+    out.append(new[:new.index(end_id)] if end_id in new else new)
+  return out
+
+
+def check_prompt(text: str) -> None:
+  if not text.strip():
+    raise GenerateError("the prompt is empty: give some text with --prompt (or --prompt_file)")
+
+
+def encode_prompt(tokenizer, text: str, context: int, warn: Callable[[str], None] = print) -> list[int]:
+  check_prompt(text)
+  ids = tokenizer.encode(text, add_special_tokens=False).ids
+  if len(ids) > context:
+    warn(f"WARNING: the prompt has {len(ids):,} tokens, more than the model's context of {context}: "
+         f"only its last {context} are used")
+    ids = ids[-context:]
+  return ids
+
+
+class TextStream:
+  """Prints one row's tokens as text as they arrive (whole characters only)."""
+
+  def __init__(self, tokenizer, out=sys.stdout):
+    self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+  def __call__(self, new_B: np.ndarray) -> None:
+    self.ids.append(int(new_B[0]))
+    text = self.tokenizer.decode(self.ids)
+    if not text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+      self.out.write(text[len(self.printed):])
+      self.out.flush()
+      self.printed = text
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A run's work directory (its config.workdir).")
+  flags.DEFINE_multi_string("prompt", [], "Text to continue; repeat the flag for several prompts.")
+  flags.DEFINE_string("prompt_file", None, "A text file with one prompt per line (blank lines skipped).")
+  flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate after each prompt.")
+  flags.DEFINE_float("temperature", None, "0 is greedy; default: the run's sample.temperature.")
+  flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens (0: all); default: sample.top_k.")
+  flags.DEFINE_float("top_p", None, "Nucleus sampling, in (0, 1] (1: off); default: sample.top_p.")
+  flags.DEFINE_integer("seed", None, "Random seed; default: the run's sample.seed.")
+  flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+  flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to use.")
+  flags.DEFINE_string("device", "auto", "auto, cpu, gpu or tpu.")
+  flags.mark_flag_as_required("workdir")
+
+
+def _read_prompts(FLAGS) -> list[str]:
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompt_file:
+    try:
+      with open(FLAGS.prompt_file, encoding="utf-8") as f:
+        prompts += [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise GenerateError(f"cannot read --prompt_file={FLAGS.prompt_file}: {e}") from None
+  if not prompts:
+    raise GenerateError("no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE")
+  for p in prompts:
+    check_prompt(p)
+  return prompts
+
+
+def main(argv) -> None:
+  from absl import flags
+  from jaxlm import cli, workdir
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  FLAGS = flags.FLAGS
+  prompts = _read_prompts(FLAGS)
+  if FLAGS.num_samples < 1:
+    raise GenerateError(f"--num_samples={FLAGS.num_samples} must be >= 1")
+  pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+  check_settings(pick(FLAGS.temperature, 1.0), pick(FLAGS.top_k, 0), pick(FLAGS.top_p, 1.0), FLAGS.max_new_tokens)
+  trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
+  s = trained.config.sample  # the run's sampling settings are the defaults
+  settings = dict(temperature=pick(FLAGS.temperature, s.temperature), top_k=pick(FLAGS.top_k, s.top_k),
+                  top_p=pick(FLAGS.top_p, s.top_p))
+  ids = [encode_prompt(trained.tokenizer, p, trained.context, lambda m: print(m, file=sys.stderr))
+         for p in prompts for _ in range(FLAGS.num_samples)]
+  rows = [(p, i) for p in range(len(prompts)) for i in range(FLAGS.num_samples)]
+  end_id = trained.tokenizer.token_to_id(END_OF_TEXT)
+  streaming = len(ids) == 1
+  print(f"{trained.path}: {FLAGS.max_new_tokens} new tokens per prompt, temperature {settings['temperature']}, "
+        f"top_k {settings['top_k']}, top_p {settings['top_p']}", file=sys.stderr, flush=True)
+  if streaming:
+    print(trained.tokenizer.decode(ids[0]), end="", flush=True)
+  sampler = make_sampler(trained.model, FLAGS.max_new_tokens, **settings, end_id=end_id,
+                         stream=TextStream(trained.tokenizer) if streaming else None)
+  tokens, lengths = sampler(trained.params, *pad_prompts(ids), pick(FLAGS.seed, s.seed))
+  new = completions(tokens, lengths, [len(i) for i in ids], end_id)
+  if streaming:
+    print(flush=True)
+    return
+  for (p, i), prompt_ids, new_ids in zip(rows, ids, new):
+    print(f"--- prompt {p + 1}, sample {i + 1} ---")
+    print(trained.tokenizer.decode(prompt_ids + new_ids), flush=True)
+
+
+if __name__ == "__main__":
+  from jaxlm import cli
+  _define_flags()
+  cli.run(main)

@@ -1,0 +1,165 @@
+"""A run's work directory: the lock that keeps it to one run, and what a trained model needs.
+
+    <workdir>/config.json        the run's config
+             tokenizer.json      the tokenizer its data was encoded with
+             run.lock            while a run trains here: its host, pid and start time
+             checkpoints/{last,best}/, metrics.jsonl, test_metrics.json, tensorboard/
+
+The directory is self-contained: `load` builds the model, its parameters (no optimizer state) and
+its tokenizer from it alone, for evaluate, generate and export, after the corpus and the data cache
+are gone. Each checkpoint also records its config and vocabulary size.
+"""
+import dataclasses
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+
+import jax
+import ml_collections
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm.cli import UserError
+
+LOCK_FILE = "run.lock"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+
+
+class WorkdirError(UserError):
+  """A work directory that cannot be used; the message says what to do."""
+
+
+def create(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"cannot use {workdir!r} as the work directory: it is a file. Choose another with "
+                       f"--config.workdir.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), workdir)
+  except OSError as e:
+    raise WorkdirError(f"cannot use {workdir!r} as the work directory ({checkpoint_lib.cause(e)}). Choose "
+                       f"another with --config.workdir.") from None
+
+
+class Lock:
+  """Held by the one run that trains in a work directory, as an flock on `run.lock`: the kernel
+  drops it when the process ends, however it ends, so a lock left by a killed run is stale and
+  taken over. The file names the holder, for the message a second run gets."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def __enter__(self):
+    while self._fd is None:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise WorkdirError(f"the work directory {os.path.dirname(self.path)} is in use by another run "
+                           f"({self._holder()}). Wait for it to finish or stop it, or choose another "
+                           f"--config.workdir.") from None
+      if _same_file(fd, self.path):  # not unlinked by a holder that released it meanwhile
+        self._fd = fd
+      else:
+        os.close(fd)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    os.ftruncate(self._fd, 0)
+    os.write(self._fd, json.dumps(holder).encode())
+    return self
+
+  def __exit__(self, *exc):
+    if _same_file(self._fd, self.path):  # the directory may have been renamed (--fresh)
+      os.unlink(self.path)
+    os.close(self._fd)
+    self._fd = None
+
+  def _holder(self) -> str:
+    try:
+      with open(self.path) as f:
+        h = json.load(f)
+      return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+    except (OSError, ValueError, KeyError):
+      return "its lock file holds no details yet"
+
+
+def _same_file(fd: int, path: str) -> bool:
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def write_atomically(path: str, write) -> None:
+  """write(temporary path), then a rename over `path`: the file is whole or as it was. An OSError
+  names `path`."""
+  tmp = path + ".tmp"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, path) from None
+
+
+def write_json(path: str, obj) -> None:
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2)
+  write_atomically(path, write)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """What a checkpoint of a work directory holds for inference."""
+  config: ml_collections.ConfigDict  # the config the checkpoint was saved with
+  model: model_lib.Transformer
+  params: dict  # numpy arrays
+  meta: dict  # the checkpoint's metadata (epoch, global step, validation loss, ...)
+  tokenizer: object  # tokenizers.Tokenizer
+  path: str  # the checkpoint read
+
+  @property
+  def context(self) -> int:
+    return self.model.max_seq_length
+
+
+def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> TrainedModel:
+  """The model of `workdir`'s `checkpoint` (best or last), computing on `device` (auto, cpu, gpu or
+  tpu) in the run's `model.dtype`."""
+  from tokenizers import Tokenizer
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"the work directory {workdir!r} does not exist (pass a run's config.workdir, "
+                       f"e.g. runs/experiment_1)")
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.isfile(tokenizer_path):
+    raise WorkdirError(f"{workdir} has no {TOKENIZER_FILE}: it is not a run's work directory, or the run "
+                       f"started before jaxlm stored tokenizers there (re-run it once to add it)")
+  if checkpoint not in checkpoint_lib.NAMES:
+    raise WorkdirError(f"--checkpoint={checkpoint!r}: choose one of {', '.join(checkpoint_lib.NAMES)}")
+  checkpoints = checkpoint_lib.Checkpoints(workdir, writer=False)
+  try:
+    if not checkpoints.exists(checkpoint):
+      raise WorkdirError(f"{workdir} has no `{checkpoint}` checkpoint yet: train first (a run saves `last` "
+                         f"during its first epoch and `best` after its first validation)")
+    params, meta = checkpoints.restore_params(checkpoint)
+    path = checkpoints.path(checkpoint)
+  finally:
+    checkpoints.close()
+  config = ml_collections.ConfigDict(meta["config"])
+  config.device = device
+  dev = config_lib.select_device(config)
+  if dev.platform != "gpu":
+    config.model.attention = "auto"  # cuDNN's kernel was a training choice; it needs a GPU
+  vocab_size = params["tok_emb"].shape[0]
+  model = model_lib.build(config, vocab_size, config_lib.compute_dtype(config, dev))
+  params = jax.device_put(params, dev)
+  return TrainedModel(config=config, model=model, params=params, meta=meta,
+                      tokenizer=Tokenizer.from_file(tokenizer_path), path=path)

@@ -1,0 +1,147 @@
+"""`python -m jaxlm.main` with a fault injected at a chosen point, for tests/test_faults.py:
+
+    python tests/fault_child.py FAULT [ARGS of jaxlm.main ...]
+
+FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kill -9`):
+  none            no fault
+  step:N          dies right after dispatching global training step N
+  save:NAME:K     dies right after orbax started the K-th save of `NAME` (last or best): its files are
+                  being written in the background
+  saved:NAME:K    dies right after the K-th save of `NAME` was committed
+  eval:K          dies in the K-th evaluation (validation or test), after dispatching its first batch
+  sample:K        dies in the K-th sample from the fixed prompt
+  prepare         dies while the tokenized data cache is being written
+  sigint:N        SIGINT at step N, and a second SIGINT while the checkpoint it asks for is being saved
+  sigint:N:D      SIGINT at step N, and a second one D seconds later
+The faults are monkeypatches in this process only: jaxlm has no hooks for them.
+"""
+import os
+import signal
+import sys
+import threading
+
+import orbax.checkpoint as ocp
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import cli
+from jaxlm import data as data_lib
+from jaxlm import evaluate as evaluate_lib
+from jaxlm import generate as generate_lib
+from jaxlm import main as main_lib
+
+
+def die() -> None:
+  sys.stdout.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_step(n: int, action) -> None:
+  """Calls `action` right after the batch of global step `n` is handed to the train step."""
+  real = data_lib.train_batches
+
+  def batches(seqs, batch_size, seed, epoch, start=0):
+    steps_per_epoch = data_lib.steps_per_epoch(len(seqs), batch_size)
+    for i, batch in enumerate(real(seqs, batch_size, seed, epoch, start), start):
+      yield batch
+      if (epoch - 1) * steps_per_epoch + i + 1 == n:
+        action()
+
+  data_lib.train_batches = batches
+
+
+def on_call(owner, attribute: str, k: int, action, before: bool = False, when=lambda *a, **kw: True):
+  """Wraps owner.attribute so that its k-th call (among those `when` accepts) runs `action` after
+  (or before) the real one."""
+  real, calls = getattr(owner, attribute), []
+
+  def wrapper(*args, **kwargs):
+    hit = when(*args, **kwargs) and (calls.append(1) or len(calls) == k)
+    if hit and before:
+      action()
+    result = real(*args, **kwargs)
+    if hit and not before:
+      action()
+    return result
+
+  setattr(owner, attribute, wrapper)
+
+
+def in_generator(owner, attribute: str, k: int, action) -> None:
+  """Runs `action` after the first item of the k-th generator owner.attribute makes."""
+  real, calls = getattr(owner, attribute), []
+
+  def wrapper(*args, **kwargs):
+    calls.append(1)
+    for i, item in enumerate(real(*args, **kwargs)):
+      yield item
+      if i == 0 and len(calls) == k:
+        action()
+
+  setattr(owner, attribute, wrapper)
+
+
+def later(seconds: float, action) -> None:
+  timer = threading.Timer(seconds, action)
+  timer.daemon = True  # does not keep the process alive
+  timer.start()
+
+
+def install(fault: str) -> None:
+  kind, *args = fault.split(":")
+  if kind == "none":
+    return
+  if kind == "step":
+    at_step(int(args[0]), die)
+  elif kind in ("save", "saved"):
+    name, k = args[0], int(args[1])
+    if kind == "save":  # the manager's save returns once the arrays are on the host; writing goes on
+      on_call(ocp.CheckpointManager, "save", k, die, when=lambda self, *a, **kw: self.directory.name == name)
+    else:
+      force_wait(name)
+      on_call(checkpoint_lib.Checkpoints, "save", k, die, when=lambda self, n, *a, **kw: n == name)
+  elif kind == "eval":
+    in_generator(evaluate_lib, "windows", int(args[0]), die)
+  elif kind == "sample":
+    real_make = generate_lib.make_sampler
+
+    def make_sampler(*a, **kw):
+      sampler = real_make(*a, **kw)
+      calls = []
+
+      def sample(*sa):
+        calls.append(1)
+        if len(calls) == int(args[0]):
+          die()
+        return sampler(*sa)
+      return sample
+
+    generate_lib.make_sampler = make_sampler
+  elif kind == "prepare":
+    on_call(data_lib.np, "save", 2, die)
+  elif kind == "sigint":
+    interrupt = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+    if len(args) == 1:
+      sent = []
+      at_step(int(args[0]), lambda: sent.append(interrupt()))
+      on_call(ocp.CheckpointManager, "save", 1, interrupt, when=lambda *a, **kw: bool(sent))  # the save it asks for
+    else:
+      at_step(int(args[0]), lambda: (interrupt(), later(float(args[1]), interrupt)))
+  else:
+    raise SystemExit(f"unknown fault {fault!r}")
+
+
+def force_wait(name: str) -> None:
+  """Makes every save of `name` complete before Checkpoints.save returns (so that `saved:` dies
+  after a committed save, not during one)."""
+  wrapped = checkpoint_lib.Checkpoints.save
+
+  def save(self, n, state, meta, wait=False):
+    return wrapped(self, n, state, meta, wait=wait or n == name)
+
+  checkpoint_lib.Checkpoints.save = save
+
+
+if __name__ == "__main__":
+  install(sys.argv[1])
+  sys.argv = ["jaxlm.main"] + sys.argv[2:]
+  cli.run(main_lib.main, config_flag="config")

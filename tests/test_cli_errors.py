@@ -1,0 +1,147 @@
+"""Every user-facing failure of the command lines is one `error: ...` line naming what to fix, with
+exit status 1 (2 for the command line itself), no traceback unless --verbose, and nothing already
+on disk changed. Each case runs the real command in a subprocess, next to a finished run whose
+checkpoints and metrics.jsonl must come out untouched."""
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BASE_CONFIG, subprocess_env, write_corpus
+
+from jaxlm import train as train_lib
+
+
+def tree_digest(directory) -> dict:
+  """{relative path: sha256} of the checkpoints and metrics.jsonl under a work directory."""
+  digest = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if rel.startswith("checkpoints") or rel == "metrics.jsonl":
+        with open(path, "rb") as f:
+          digest[rel] = hashlib.sha256(f.read()).hexdigest()
+  return digest
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished one-epoch run, and the overrides that reach it from the command line."""
+  from conftest import load_config
+  root = tmp_path_factory.mktemp("cli")
+  write_corpus(root / "corpus")
+  config = load_config("tiny")
+  config.data.data_dir, config.data.raw_dir = str(root / "corpus"), str(root / "data" / "raw")
+  config.data.processed_dir, config.workdir = str(root / "data" / "processed"), str(root / "run")
+  config.device, config.training.epochs = "cpu", 1
+  train_lib.train_and_evaluate(config)
+  overrides = [f"--config.data.data_dir={root / 'corpus'}", f"--config.data.raw_dir={root / 'data' / 'raw'}",
+               f"--config.data.processed_dir={root / 'data' / 'processed'}", "--config.device=cpu",
+               "--config.training.epochs=1"]
+  return root, overrides
+
+
+def cases(root, overrides):
+  """(name, command after `python -m`, expected status, expected single stderr line or its start)."""
+  run = str(root / "run")
+  main = ["jaxlm.main", f"--config={BASE_CONFIG}:tiny", *overrides]
+  at_run = main + [f"--config.workdir={run}"]
+  (root / "a_file").write_text("x")
+  bad = root / "bad_corpus"
+  write_corpus(bad)
+  (bad / "validation.txt").write_bytes(b" = Caf\xe9 = \n text\n")  # latin-1, not UTF-8
+  binary = root / "binary_corpus"
+  write_corpus(binary)
+  (binary / "test.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+  damaged = root / "damaged_run"
+  shutil.copytree(run, damaged)
+  for dirpath, _, files in os.walk(damaged / "checkpoints" / "last"):
+    for name in files:
+      if "ocdbt" in dirpath or name.startswith("manifest"):
+        (open(os.path.join(dirpath, name), "wb")).write(b"garbage")
+  return [
+      ("mistyped key", main + ["--config.training.learning_rat=1"], 2,
+       "error: --config.training.learning_rat: unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
+      ("unknown group", main + ["--config.trainin.epochs=1"], 2, "error: --config.trainin.epochs: unknown config key"),
+      ("config file missing", ["jaxlm.main", "--config=nowhere.py"], 2,
+       "error: cannot load the config file: [Errno 2] No such file or directory: 'nowhere.py'"),
+      ("config variant unknown", ["jaxlm.main", f"--config={BASE_CONFIG}:huge"], 2,
+       "error: cannot load the config file: ValueError: unknown config variant 'huge'"),
+      ("no config", ["jaxlm.main"], 2, "error: flag --config=None: Flag --config must have a value other than None."),
+      ("value of the wrong type", main + ["--config.training.learning_rate=fast"], 2,
+       "error: flag --config.training.learning_rate=fast: could not convert string to float: 'fast'"),
+      ("unknown flag", main + ["--bogus"], 2, "error: Unknown command line flag 'bogus'"),
+      ("stray argument", main + ["extra"], 2, "error: unexpected arguments: extra"),
+      ("bad value", at_run + ["--config.model.d_model=33"], 1,
+       "error: config key 'model.d_model' = 33 must be divisible by 'model.num_heads' = 2"),
+      ("work directory is a file", main + [f"--config.workdir={root / 'a_file'}"], 1,
+       f"error: cannot use '{root / 'a_file'}' as the work directory"),
+      ("data_dir missing", at_run[:3] + [f"--config.data.data_dir={root / 'nowhere'}", *overrides[1:],
+                                         f"--config.workdir={root / 'other'}"], 1,
+       f"error: data.data_dir '{root / 'nowhere'}' is not a directory"),
+      ("text not UTF-8", main + [f"--config.data.data_dir={bad}", f"--config.workdir={root / 'other'}"], 1,
+       f"error: {bad / 'validation.txt'} is not UTF-8 text (byte 0xe9 at offset 6 cannot be decoded)"),
+      ("binary file", main + [f"--config.data.data_dir={binary}", f"--config.workdir={root / 'other'}"], 1,
+       f"error: {binary / 'test.txt'} is not text (a NUL byte at offset 8"),
+      ("incompatible resume", at_run + ["--config.model.d_model=64"], 1,
+       f"error: the checkpoint in {run} belongs to a run with other settings (model.d_model 32 -> 64)"),
+      ("damaged checkpoint", main + [f"--config.workdir={damaged}"], 1,
+       f"error: checkpoint {damaged / 'checkpoints' / 'last'}"),
+      ("data: mistyped key", ["jaxlm.data", f"--config={BASE_CONFIG}:tiny", "--config.data.seq_lenght=3"], 2,
+       "error: --config.data.seq_lenght: unknown config key 'seq_lenght' (did you mean 'seq_length'?)"),
+      ("data: missing folder", ["jaxlm.data", f"--config={BASE_CONFIG}:tiny", f"--config.data.data_dir={root / 'x'}"],
+       1, f"error: data.data_dir '{root / 'x'}' is not a directory"),
+      ("inspect: no argument", ["jaxlm.inspect"], 2, "error: usage: python -m jaxlm.inspect WORKDIR"),
+      ("inspect: not a run", ["jaxlm.inspect", str(root / "corpus")], 1,
+       f"error: no checkpoints in {root / 'corpus' / 'checkpoints'}"),
+      ("inspect: damaged", ["jaxlm.inspect", str(damaged)], 1, f"error: checkpoint {damaged / 'checkpoints' / 'last'}"),
+  ]
+
+
+def test_each_failure_is_one_error_line_and_changes_nothing(finished):
+  root, overrides = finished
+  before = tree_digest(root / "run")
+  assert before  # checkpoints and metrics.jsonl exist
+
+  def check(case):
+    name, command, status, message = case
+    done = subprocess.run([sys.executable, "-m", *command], cwd=root, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=180)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status, (name, done.returncode, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith(message), (name, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr, name
+    return name
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    assert len(list(pool.map(check, cases(root, overrides)))) >= 20
+  assert tree_digest(root / "run") == before  # no earlier checkpoint or metrics line changed
+
+
+def test_verbose_shows_the_traceback(finished):
+  root, overrides = finished
+  done = subprocess.run([sys.executable, "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny", *overrides,
+                         f"--config.workdir={root / 'run'}", "--config.model.d_model=64", "--verbose"],
+                        cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+  assert done.returncode == 1
+  assert "Traceback (most recent call last)" in done.stderr and "CheckpointError" in done.stderr
+
+
+def test_a_diverging_run_is_one_error_line_and_keeps_its_checkpoints(finished):
+  root, overrides = finished
+  run = root / "diverging"
+  shutil.copytree(root / "run", run)
+  before = tree_digest(run)
+  done = subprocess.run([sys.executable, "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny", *overrides[:-1],
+                         f"--config.workdir={run}", "--config.training.epochs=2", "--config.training.num_steps=1000",
+                         "--config.training.learning_rate=1e30"],
+                        cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+  assert done.returncode == 1, done.stderr
+  (line,) = done.stderr.strip().splitlines()
+  assert line.startswith("error: the training loss became") and "are intact" in line
+  assert tree_digest(run) == before

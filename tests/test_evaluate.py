@@ -1,0 +1,164 @@
+"""Evaluation: windows that score every token once, exact sums, and `python -m jaxlm.evaluate`."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import data as data_lib
+from jaxlm import evaluate as evaluate_lib
+from jaxlm import model as model_lib
+from jaxlm import train as train_lib
+
+from conftest import load_config, subprocess_env
+
+
+@pytest.mark.parametrize("n,context,stride", [(1, 8, 7), (2, 8, 7), (8, 8, 7), (9, 8, 7), (50, 8, 7), (50, 8, 1),
+                                              (50, 8, 3), (51, 8, 4), (7, 8, 2), (100, 16, 15), (100, 16, 5)])
+def test_windows_score_every_token_but_the_first_exactly_once(n, context, stride):
+  tokens = np.arange(n)  # each token is its own position
+  if n < 2:
+    with pytest.raises(evaluate_lib.EvaluateError, match="nothing to predict"):
+      next(evaluate_lib.windows(tokens, context, stride, 4))
+    return
+  scored = np.zeros(n, int)
+  for ids, weights in evaluate_lib.windows(tokens, context, stride, batch_size=3):
+    assert ids.shape == (3, context) and weights.shape == (3, context - 1) and ids.dtype == np.int32
+    for row, w in zip(ids, weights):
+      for j in np.flatnonzero(w):  # target j is token j + 1 of the window
+        scored[row[0] + j + 1] += 1
+        if stride < context - 1 and row[0] > 0:
+          assert j + 1 >= context - stride  # a sliding window scores only its last `stride` targets
+  assert scored[0] == 0 and (scored[1:] == 1).all()
+
+
+def test_bad_stride_is_an_error():
+  for stride in (0, 8, -1):
+    with pytest.raises(evaluate_lib.EvaluateError, match="stride"):
+      next(evaluate_lib.windows(np.arange(20), 8, stride, 4))
+
+
+def small_model(context=16, vocab=64):
+  config = load_config("tiny")
+  config.data.seq_length = context
+  model = model_lib.build(config, vocab)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, context), jnp.int32))["params"]
+  return model, params
+
+
+def reference_nats(model, params, tokens, context, stride):
+  """Sum of -log p over every token but the first, window by window, with no batching."""
+  total, done = 0.0, 1  # tokens scored so far: [1, done)
+  start = 0
+  while done < len(tokens):
+    window = tokens[start:start + context]
+    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(window[None], jnp.int32))[0], -1)
+    for j in range(len(window) - 1):
+      if start + j + 1 >= done:
+        total += -float(logp[j, window[j + 1]])
+    done = start + len(window)
+    start += stride
+  return total
+
+
+@pytest.mark.parametrize("stride", [None, 5, 1])
+def test_evaluate_is_exact_whatever_the_batch_size(stride):
+  model, params = small_model()
+  tokens = np.random.default_rng(0).integers(0, 64, 75).astype(np.uint16)
+  token_bytes = np.arange(64) % 5 + 1
+  eval_step = evaluate_lib.make_eval_step(model.apply)
+  expected = reference_nats(model, params, tokens, 16, stride or 15)
+  results = [evaluate_lib.evaluate(eval_step, params, tokens, token_bytes, 20, 16, stride, batch_size)
+             for batch_size in (1, 3, 16)]
+  for r in results:
+    assert r["tokens"] == len(tokens) - 1
+    assert r["loss"] == pytest.approx(expected / (len(tokens) - 1), rel=1e-5)
+    assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-12)
+    assert r["bytes"] == token_bytes[tokens[1:]].sum()
+    assert r["bpb"] == pytest.approx(expected / (math.log(2) * r["bytes"]), rel=1e-5)
+    assert r["word_perplexity"] == pytest.approx(math.exp(expected / 20), rel=1e-5)
+    assert r["mode"] == ("disjoint windows of 16 tokens" if stride is None else
+                         f"sliding window of 16 tokens, stride {stride}")
+
+
+def test_a_split_shorter_than_the_context_is_one_forward_pass_in_every_mode():
+  model, params = small_model()
+  tokens = np.random.default_rng(1).integers(0, 64, 12)
+  logits = model.apply({"params": params}, jnp.asarray(tokens[None], jnp.int32))
+  expected = float(model_lib.next_token_losses(logits, jnp.asarray(tokens[None])).mean())
+  eval_step = evaluate_lib.make_eval_step(model.apply)
+  for stride in (None, 1, 7):
+    r = evaluate_lib.evaluate(eval_step, params, tokens, np.ones(64, int), None, 16, stride)
+    assert r["loss"] == pytest.approx(expected, rel=1e-6) and r["word_perplexity"] is None
+
+
+def test_evaluate_stops_when_asked():
+  model, params = small_model()
+  eval_step = evaluate_lib.make_eval_step(model.apply)
+  calls = []
+  result = evaluate_lib.evaluate(eval_step, params, np.arange(500) % 64, np.ones(64, int), None, 16,
+                                 batch_size=2, stop=lambda: calls.append(1) or len(calls) > 3)
+  assert result is None and len(calls) == 4
+
+
+def run_evaluate(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "jaxlm.evaluate", *args], cwd=cwd, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=180)
+
+
+def test_evaluate_command_measures_a_checkpoint_from_the_workdir_alone(tiny_config, tmp_path):
+  tiny_config.training.epochs = 1
+  summary = train_lib.train_and_evaluate(tiny_config)
+  corpus = data_lib.load(tiny_config)
+  test_tokens = np.asarray(corpus.tokens["test"])
+  words = corpus.meta["splits"]["test"]["words"]
+  # The corpus moves and the data cache is gone: the split's text (--data_dir) and the work
+  # directory are all evaluate needs.
+  moved = str(tmp_path / "moved_corpus")
+  shutil.move(tiny_config.data.data_dir, moved)
+  shutil.rmtree(tiny_config.data.processed_dir)
+  done = run_evaluate(f"--workdir={tiny_config.workdir}", f"--data_dir={moved}", "--json", cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  result = json.loads(done.stdout)
+  assert result["split"] == "test" and result["checkpoint"] == "best"
+  assert result["tokens"] == len(test_tokens) - 1 and result["words"] == words
+  assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+  assert result["word_perplexity"] == pytest.approx(math.exp(result["loss"] * result["tokens"] / words), rel=1e-9)
+  # The training run's own test evaluation is the same function on the same tokens.
+  assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+  assert result["word_perplexity"] == pytest.approx(summary["test_word_perplexity"], rel=1e-6)
+  assert result["mode"] == summary["test_mode"] == "disjoint windows of 32 tokens"
+
+  sliding = run_evaluate(f"--workdir={tiny_config.workdir}", f"--data_dir={moved}", "--split=validation",
+                         "--stride=8", "--checkpoint=last", cwd=tmp_path)
+  assert sliding.returncode == 0, sliding.stderr
+  line = sliding.stdout.strip()
+  assert line.startswith("validation (sliding window of 32 tokens, stride 8): loss ") and "word ppl" in line
+
+
+def test_evaluate_command_errors_are_one_line(tiny_config, tmp_path):
+  missing = run_evaluate(f"--workdir={tmp_path / 'nowhere'}", cwd=tmp_path)
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines() == [
+      f"error: the work directory '{tmp_path / 'nowhere'}' does not exist (pass a run's config.workdir, "
+      f"e.g. runs/experiment_1)"]
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  bad_stride = run_evaluate(f"--workdir={tiny_config.workdir}", "--stride=32", cwd=tmp_path)
+  assert bad_stride.returncode == 1
+  assert bad_stride.stderr.strip().splitlines()[-1] == "error: stride = 32 must be between 1 and the context - 1 = 31"
+  no_flag = run_evaluate(cwd=tmp_path)
+  assert no_flag.returncode == 2 and no_flag.stderr.startswith("error: ")
+  os.rename(os.path.join(tiny_config.workdir, "checkpoints"), str(tmp_path / "elsewhere"))
+  no_checkpoint = run_evaluate(f"--workdir={tiny_config.workdir}", cwd=tmp_path)
+  assert no_checkpoint.returncode == 1
+  assert no_checkpoint.stderr.strip().splitlines() == [
+      f"error: {tiny_config.workdir} has no `best` checkpoint yet: train first (a run saves `last` during its "
+      f"first epoch and `best` after its first validation)"]

@@ -1,0 +1,188 @@
+"""Decoding with a KV cache, sampling, and `python -m jaxlm.generate`."""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import generate as generate_lib
+from jaxlm import model as model_lib
+from jaxlm import train as train_lib
+
+from conftest import load_config, subprocess_env
+
+VOCAB = 64
+
+
+def small_model(context=16, **model_overrides):
+  config = load_config("tiny")
+  config.data.seq_length = context
+  for key, value in model_overrides.items():
+    config.model[key] = value
+  model = model_lib.build(config, VOCAB)
+  params = model.init(jax.random.PRNGKey(2), jnp.zeros((1, context), jnp.int32))["params"]
+  return model, params
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "activation": "gelu_tanh"}])
+def test_kv_cache_decoding_gives_the_full_forward_pass_logits_at_every_position(overrides):
+  model, params = small_model(**overrides)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (3, 16)), jnp.int32)
+  full = jax.jit(model.apply)({"params": params}, tokens)
+  decode = jax.jit(lambda p, c, t: model.apply({"params": p, "cache": c}, t, decode=True, mutable=["cache"]))
+  # Rows at different positions: each prefills its own prompt length, then one token per call.
+  prompt = np.array([1, 5, 9])
+  padded = jnp.where(jnp.arange(9)[None] < prompt[:, None], tokens[:, :9], 0)
+  logits, variables = decode(params, model_lib.init_cache(model, 3, 16), padded)
+  cache = {**variables["cache"], "index": jnp.asarray(prompt, jnp.int32)}
+  for b in range(3):
+    np.testing.assert_allclose(logits[b, :prompt[b]], full[b, :prompt[b]], atol=2e-5, rtol=0)
+  for t in range(16 - 1):
+    positions = prompt + t
+    go = positions < 16
+    step_tokens = tokens[jnp.arange(3), np.minimum(positions, 15)][:, None]
+    logits, variables = decode(params, cache, step_tokens)
+    cache = variables["cache"]
+    for b in np.flatnonzero(go):
+      np.testing.assert_allclose(logits[b, 0], full[b, positions[b]], atol=2e-5, rtol=0)
+
+
+def greedy_by_recomputing(model, params, prompt, n):
+  """nanoGPT's loop: the whole (cropped) sequence through the model for every new token."""
+  seq = list(prompt)
+  for _ in range(n):
+    window = jnp.asarray([seq[-model.max_seq_length:]], jnp.int32)
+    seq.append(int(jnp.argmax(model.apply({"params": params}, window)[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_generation_is_deterministic_batched_and_slides_past_the_context():
+  model, params = small_model()
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [7]]
+  sampler = generate_lib.make_sampler(model, 25, temperature=0.0)  # 3 + 25 > context 16: slides
+  tokens, lengths = sampler(params, *generate_lib.pad_prompts(prompts), 0)
+  again = sampler(params, *generate_lib.pad_prompts(prompts), 123)  # the seed does not matter
+  np.testing.assert_array_equal(tokens, again[0])
+  new = generate_lib.completions(tokens, lengths, [len(p) for p in prompts], None)
+  for prompt, row in zip(prompts, new):
+    assert row == greedy_by_recomputing(model, params, prompt, 25)
+
+
+def test_generation_stops_at_the_end_token():
+  model, params = small_model()
+  (free,) = generate_lib.completions(*generate_lib.make_sampler(model, 12, temperature=0.0)(
+      params, *generate_lib.pad_prompts([[3, 1, 4]]), 0), [3], None)
+  end = free[4]
+  cut = free.index(end)
+  sampler = generate_lib.make_sampler(model, 12, temperature=0.0, end_id=end)
+  tokens, lengths = sampler(params, *generate_lib.pad_prompts([[3, 1, 4], [3, 1, 4]]), 0)
+  assert generate_lib.completions(tokens, lengths, [3, 3], end) == [free[:cut]] * 2
+  assert list(lengths) == [3 + cut + 1] * 2  # the end token is the row's last
+
+
+def test_sampling_is_seeded():
+  model, params = small_model()
+  sampler = generate_lib.make_sampler(model, 10, temperature=1.0)
+  a, _ = sampler(params, *generate_lib.pad_prompts([[1, 2]] * 4), 0)
+  b, _ = sampler(params, *generate_lib.pad_prompts([[1, 2]] * 4), 0)
+  c, _ = sampler(params, *generate_lib.pad_prompts([[1, 2]] * 4), 1)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert len({tuple(row) for row in np.asarray(a)}) > 1  # rows of one batch draw differently
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 2, jnp.float32)
+  keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+  draw = jax.jit(jax.vmap(lambda key, k, p: generate_lib.sample_token(key, logits, 1.0, k, p),
+                          in_axes=(0, None, None)), static_argnums=(1, 2))
+  probs = np.asarray(jax.nn.softmax(logits, -1))
+  order = np.argsort(-probs, axis=-1)
+  for top_k, top_p in ((5, 1.0), (1, 1.0), (0, 0.5), (0, 0.9), (10, 0.6)):
+    samples = np.asarray(draw(keys, top_k, top_p))  # [draws, rows]
+    for row in range(4):
+      allowed = set(order[row, :top_k or 50])
+      cumulative_before = np.cumsum(probs[row, order[row]]) - probs[row, order[row]]
+      allowed &= set(order[row, cumulative_before < top_p])
+      assert set(samples[:, row]) <= allowed, (top_k, top_p, row)
+      if len(allowed) > 1:
+        assert len(set(samples[:, row])) > 1  # it still samples
+  assert (np.asarray(generate_lib.sample_token(keys[0], logits, 0.0, 0, 1.0)) == order[:, 0]).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-0.5), "temperature = -0.5 must be >= 0"),
+    (dict(top_p=0.0), "top_p = 0.0 must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p = 1.5 must be in (0, 1]"),
+    (dict(top_k=-1), "top_k = -1 must be >= 0")])
+def test_bad_settings_are_errors(bad, message):
+  model, _ = small_model()
+  with pytest.raises(generate_lib.GenerateError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    generate_lib.make_sampler(model, 5, **{"temperature": 1.0, **bad})
+
+
+def run_generate(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "jaxlm.generate", *args], cwd=cwd, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=180)
+
+
+def test_generate_command_works_from_the_workdir_alone(tiny_config, tmp_path):
+  tiny_config.training.epochs = 1
+  train_lib.train_and_evaluate(tiny_config)
+  shutil.rmtree(tiny_config.data.data_dir)  # neither the corpus nor its cache is needed any more
+  shutil.rmtree(tiny_config.data.processed_dir)
+  workdir = f"--workdir={tiny_config.workdir}"
+  greedy = run_generate(workdir, "--prompt= The album", "--max_new_tokens=20", "--temperature=0", cwd=tmp_path)
+  assert greedy.returncode == 0, greedy.stderr
+  assert greedy.stdout.startswith(" The album") and len(greedy.stdout) > len(" The album") + 5
+  again = run_generate(workdir, "--prompt= The album", "--max_new_tokens=20", "--temperature=0", cwd=tmp_path)
+  assert again.stdout == greedy.stdout  # streamed, and deterministic
+
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text(" The river\n\n The king was\n", encoding="utf-8")
+  batch = run_generate(workdir, f"--prompt_file={prompts}", "--num_samples=2", "--max_new_tokens=8",
+                       "--top_k=20", "--top_p=0.9", "--seed=3", cwd=tmp_path)
+  assert batch.returncode == 0, batch.stderr
+  headers = [line for line in batch.stdout.splitlines() if line.startswith("--- ")]
+  assert headers == ["--- prompt 1, sample 1 ---", "--- prompt 1, sample 2 ---", "--- prompt 2, sample 1 ---",
+                     "--- prompt 2, sample 2 ---"]
+  assert batch.stdout.count(" The river") == 2 and batch.stdout.count(" The king was") == 2
+
+  long_prompt = " the" * 40  # longer than the context of 32: the last 32 tokens are kept
+  long = run_generate(workdir, f"--prompt={long_prompt}", "--max_new_tokens=40", cwd=tmp_path)
+  assert long.returncode == 0, long.stderr
+  assert "more than the model's context of 32: only its last 32 are used" in long.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt=  "], "error: the prompt is empty: give some text with --prompt (or --prompt_file)"),
+    ([], "error: no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE"),
+    (["--prompt=a", "--temperature=-1"], "error: temperature = -1.0 must be >= 0 (0 is greedy)"),
+    (["--prompt=a", "--top_p=0"], "error: top_p = 0.0 must be in (0, 1] (1 turns it off)"),
+    (["--prompt=a", "--top_p=2"], "error: top_p = 2.0 must be in (0, 1] (1 turns it off)"),
+    (["--prompt=a", "--num_samples=0"], "error: --num_samples=0 must be >= 1"),
+])
+def test_generate_command_bad_input_is_one_error_line(tiny_config, tmp_path, args, message):
+  workdir = str(tmp_path / "run")
+  os.makedirs(os.path.join(workdir, "checkpoints"))
+  with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
+    f.write("{}")  # never read: the input is checked first
+  done = run_generate(f"--workdir={workdir}", *args, cwd=tmp_path)
+  assert done.returncode == 1 and done.stderr.strip().splitlines() == [message], done.stderr
+
+
+def test_generate_command_without_a_run_is_one_error_line(tmp_path):
+  done = run_generate(f"--workdir={tmp_path / 'nowhere'}", "--prompt=a", cwd=tmp_path)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [f"error: the work directory '{tmp_path / 'nowhere'}' does not exist "
+                                              f"(pass a run's config.workdir, e.g. runs/experiment_1)"]
+  os.makedirs(tmp_path / "empty")
+  (tmp_path / "empty" / "tokenizer.json").write_text("{}")
+  done = run_generate(f"--workdir={tmp_path / 'empty'}", "--prompt=a", cwd=tmp_path)
+  assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'empty'} has no `best` checkpoint yet: train first (a run saves `last` during its first "
+      f"epoch and `best` after its first validation)"]
