@@ -78,7 +78,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # A sample from a fixed prompt at every validation, on the console and in TensorBoard (text), so
   # that you see the model learn. The same sampling settings are jaxlm.generate's defaults.
   config.sample = sample = ml_collections.ConfigDict()
-  sample.prompt = "The"
+  sample.prompt = " The"  # WikiText's style: a leading space, spaces around punctuation
   sample.max_new_tokens = 48  # 0: no samples while training
   sample.temperature = 0.8  # 0: greedy
   sample.top_k = 200  # 0: no top-k cut

@@ -97,22 +97,24 @@ class Checkpoints:
 
   def restore(self, name: str, target) -> tuple:
     """(state shaped and placed like `target`, meta) of the `name` checkpoint."""
-    number = self._require(name)
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    restored = self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
+    restored = self._newest(name, lambda number: self._restore(name, number, state=args, meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   def restore_params(self, name: str) -> tuple:
     """(params as numpy arrays, meta) of the `name` checkpoint; the optimizer state is not read."""
-    number = self._require(name)
-    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), self._params_metadata(name, number))
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-    args = ocp.args.PyTreeRestore(item={"params": shapes}, restore_args={"params": as_numpy}, partial_restore=True)
-    restored = self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
+
+    def read(number):
+      shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), self._params_metadata(name, number))
+      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+      args = ocp.args.PyTreeRestore(item={"params": shapes}, restore_args={"params": as_numpy}, partial_restore=True)
+      return self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
+
+    restored = self._newest(name, read)
     return restored.state["params"], restored.meta
 
   def restore_meta(self, name: str) -> dict:
-    return self._restore(name, self._require(name), meta=ocp.args.JsonRestore()).meta
+    return self._newest(name, lambda number: self._restore(name, number, meta=ocp.args.JsonRestore())).meta
 
   def path(self, name: str) -> str:
     """The folder of the `name` checkpoint."""
@@ -120,21 +122,25 @@ class Checkpoints:
 
   def num_params(self, name: str) -> int:
     """Parameter count read from the checkpoint's metadata, without loading the arrays."""
-    tree = self._params_metadata(name, self._require(name))
+    tree = self._newest(name, lambda number: self._params_metadata(name, number))
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+  def wait(self) -> None:
+    """Waits for the saves in flight; CheckpointError for one that failed."""
+    for name in NAMES:
+      self._wait(name)
 
   def close(self, raise_errors: bool = True) -> None:
     """Waits for the saves in flight; raises CheckpointError for one that failed (unless told not
     to: when another error is already being reported)."""
-    error = None
-    for name in NAMES:
-      try:
-        self._wait(name)
-      except CheckpointError as e:
-        error = error or e
-      self._managers[name].close()
-    if error and raise_errors:
-      raise error
+    try:
+      self.wait()
+    except CheckpointError:
+      if raise_errors:
+        raise
+    finally:
+      for manager in self._managers.values():
+        manager.close()
 
   def _wait(self, name: str) -> None:
     """Waits for `name`'s save in flight; CheckpointError unless it was committed."""
@@ -148,6 +154,18 @@ class Checkpoints:
       raise self._save_failed(name, step, e) from None
     if manager.latest_step() != number:
       raise self._save_failed(name, step, RuntimeError("orbax did not commit it (--verbose shows its log)"))
+
+  def _newest(self, name: str, read):
+    """read(number) of the newest `name` checkpoint; once more when a run saving beside this reader
+    replaced it meanwhile (it deletes the old one as soon as the new one is complete)."""
+    number = self._require(name)
+    try:
+      return read(number)
+    except CheckpointError:
+      self._managers[name].reload()
+      if self._managers[name].latest_step() in (None, number):
+        raise
+      return read(self._require(name))
 
   def _restore(self, name: str, number: int, **items):
     try:
@@ -170,7 +188,7 @@ class Checkpoints:
 
   def _save_failed(self, name: str, step: int, error: Exception) -> CheckpointError:
     return CheckpointError(
-        f"saving checkpoint `{name}` (step {step}) in {self.directory} failed: {cause(error)}. The "
+        f"saving checkpoint `{name}` (step {step:,}) in {self.directory} failed: {cause(error)}. The "
         f"checkpoints saved before it are intact: fix the cause (free disk space, permissions) and "
         f"re-run the same command to resume from them.")
 

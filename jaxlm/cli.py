@@ -5,7 +5,9 @@ for the command line itself (a bad flag, a mistyped config key, a config file th
 loaded), 1 for everything else (a `UserError`, or an operating-system error such as a full disk).
 `--verbose` shows the traceback and the libraries' logs instead. A bug is still a traceback.
 """
+import contextlib
 import logging as std_logging
+import os
 import re
 import signal
 import sys
@@ -26,10 +28,34 @@ class UsageError(UserError):
   """A bad command line (exit status 2)."""
 
 
-def run(main: Callable[[list[str]], None], config_flag: str | None = None) -> None:
+@contextlib.contextmanager
+def naming(path: str):
+  """An OSError raised inside names `path` (a failed write() alone names no file), so that the
+  one-line error says which file could not be written. The tokenizers library's I/O errors, plain
+  Exceptions that end in "(os error N)", become OSErrors too."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, path) from None
+  except Exception as e:
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if not code:
+      raise
+    raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+
+
+def run(main: Callable[[list[str]], None], config_flag: str | None = None, nargs: int = 0,
+        usage: str | None = None) -> None:
   """app.run(main) with one-line errors. `config_flag` names an ml_collections config flag whose
-  file is loaded while parsing, so that a missing or broken config file is a usage error too."""
-  app.run(lambda argv: _call(main, argv), flags_parser=lambda argv: _parse(argv, config_flag))
+  file is loaded while parsing, so that a missing or broken config file is a usage error too;
+  `nargs` is the number of arguments besides flags (`usage` says which, when there are any)."""
+  def checked(argv):
+    if len(argv) - 1 != nargs:
+      raise UsageError(usage or f"unexpected arguments: {' '.join(argv[1:])}")
+    main(argv)
+  app.run(lambda argv: _call(checked, argv), flags_parser=lambda argv: _parse(argv, config_flag))
 
 
 def _parse(argv: list[str], config_flag: str | None) -> list[str]:

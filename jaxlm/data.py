@@ -30,7 +30,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from jaxlm.cli import UserError
+from jaxlm.cli import UserError, naming
 
 SPLITS = ("train", "validation", "test")
 # Local file names per split, in order of preference (WikiText raw names included).
@@ -41,7 +41,8 @@ TEXT_FILES = {
 }
 # Parquet shards per split: <prefix>-*.parquet (the hub's train-00000-of-00001.parquet) or <prefix>.parquet.
 PARQUET_PREFIXES = {"train": ("train",), "validation": ("validation", "valid"), "test": ("test",)}
-SPECIAL_TOKENS = ["<|endoftext|>"]
+END_OF_TEXT = "<|endoftext|>"  # the BPE's one special token (GPT-2's too): ends a text in generation
+SPECIAL_TOKENS = [END_OF_TEXT]
 CACHE_FORMAT = 2  # bump when the cache layout or tokenization changes
 ARRAYS = tuple(f"{s}.npy" for s in SPLITS) + ("token_bytes.npy",)
 
@@ -64,13 +65,14 @@ class Corpus:
 
 
 # ------------------------------------------------------------------------------------------- sources
-def _find_local_files(data_dir: str) -> tuple[str, dict[str, list[str]]]:
-  """('text' | 'parquet', {split: its files}) in data_dir; a parquet split may have several shards."""
+def _find_local_files(data_dir: str, splits=SPLITS) -> tuple[str, dict[str, list[str]]]:
+  """('text' | 'parquet', {split: its files}) in data_dir, for `splits`; a parquet split may have
+  several shards."""
   if not os.path.isdir(data_dir):
     raise DataError(f"data.data_dir '{data_dir}' is not a directory. Point --config.data.data_dir at "
                     "a folder holding train/validation/test text or parquet files.")
   text, parquet = {}, {}
-  for split in SPLITS:
+  for split in splits:
     names = [n for n in TEXT_FILES[split] if os.path.isfile(os.path.join(data_dir, n))]
     if names:
       text[split] = [os.path.join(data_dir, names[0])]
@@ -80,12 +82,12 @@ def _find_local_files(data_dir: str) -> tuple[str, dict[str, list[str]]]:
     if shards:
       parquet[split] = shards
   for kind, files in (("text", text), ("parquet", parquet)):
-    if len(files) == len(SPLITS):
+    if len(files) == len(splits):
       empty = [f for paths in files.values() for f in paths if os.path.getsize(f) == 0]
       if empty:
         raise DataError(f"{', '.join(empty)} is empty: every split needs text.")
       return kind, files
-  wanted = "; ".join(f"{s}: {' or '.join(TEXT_FILES[s])} or {PARQUET_PREFIXES[s][0]}-*.parquet" for s in SPLITS)
+  wanted = "; ".join(f"{s}: {' or '.join(TEXT_FILES[s])} or {PARQUET_PREFIXES[s][0]}-*.parquet" for s in splits)
   raise DataError(f"data.data_dir '{data_dir}' lacks some splits (found {sorted(set(text) | set(parquet))}). "
                   f"Expected one file per split: {wanted}.")
 
@@ -98,11 +100,11 @@ def _file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def source_spec(config: ml_collections.ConfigDict) -> dict:
-  """What identifies the source: the local files' contents, or the hub dataset's name."""
+def source_spec(config: ml_collections.ConfigDict, splits=SPLITS) -> dict:
+  """What identifies the source of `splits`: the local files' contents, or the hub dataset's name."""
   d = config.data
   if d.data_dir:
-    fmt, files = _find_local_files(d.data_dir)
+    fmt, files = _find_local_files(d.data_dir, splits)
     return {"kind": fmt, "files": {s: [{"name": os.path.basename(p), "sha256": _file_sha256(p)} for p in paths]
                                    for s, paths in files.items()}, "dir": os.path.abspath(d.data_dir)}
   return {"kind": "hub", "name": d.dataset_name, "config": d.dataset_config}
@@ -331,7 +333,8 @@ def _write_cache(processed_dir: str, path: str, tokens: dict, tokenizer, meta: d
     for s in SPLITS:
       np.save(os.path.join(tmp, f"{s}.npy"), tokens[s])
     np.save(os.path.join(tmp, "token_bytes.npy"), token_byte_lengths(tokenizer))
-    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    with naming(os.path.join(tmp, "tokenizer.json")):
+      tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     meta["sha256"] = {name: _file_sha256(os.path.join(tmp, name)) for name in ARRAYS + ("tokenizer.json",)}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(meta, f, indent=2)
@@ -406,8 +409,7 @@ if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
 
   def _main(argv):
-    if len(argv) > 1:
-      raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv
     _print_summary(_CONFIG.value)
 
   cli.run(_main, config_flag="config")

@@ -6,9 +6,9 @@ The split's tokens are cut into windows of `context` tokens that start `stride` 
 window scores the tokens its predecessor did not, so every token but the split's first (which has
 nothing to be predicted from) is scored exactly once, whatever the mode:
 - disjoint windows (stride = context - 1, the default, and what training validates with): each
-  window scores all its tokens, so a token sees 0 to context - 2 tokens before it;
+  window scores all its tokens, so a token is predicted from 1 to context - 1 tokens before it;
 - a sliding window (stride < context - 1, how published WikiText perplexities are measured): each
-  window scores only its last `stride` tokens, each seeing at least context - stride - 1 before it.
+  window scores only its last `stride` tokens, each predicted from at least context - stride.
 Reported: loss per token (nats), perplexity, bits per byte (comparable across tokenizers) and
 word-level perplexity (the split's total loss over its whitespace-separated words, the number
 people compare on WikiText-2), each with the mode that produced it.
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm.cli import UserError
 
@@ -87,7 +88,7 @@ def evaluate(eval_step, params, tokens: np.ndarray, token_bytes: np.ndarray, num
   loss = nats / count
   return {"mode": describe_mode(context, stride), "context": context, "stride": stride, "tokens": count,
           "bytes": num_bytes, "words": num_words, "loss": loss, "perplexity": _exp(loss),
-          "bpb": nats / (math.log(2) * num_bytes),
+          "bpb": metrics_lib.bits_per_byte(nats, num_bytes),
           "word_perplexity": _exp(nats / num_words) if num_words else None}
 
 
@@ -107,11 +108,11 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A run's work directory (its config.workdir).")
   flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "The split to measure.")
   flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to measure.")
-  flags.DEFINE_string("data_dir", None, "A folder with the split's text (as data.data_dir); default: the "
-                      "run's own data source.")
-  flags.DEFINE_integer("stride", None, "Sliding-window evaluation: tokens between windows, 1 to context - 1 "
-                       "(each token then sees at least context - stride - 1 before it). Default: disjoint "
-                       "windows (stride = context - 1).")
+  flags.DEFINE_string("data_dir", None, "A folder with the split's text file (named as data.data_dir's); "
+                      "default: the run's own data source.")
+  flags.DEFINE_integer("stride", None, "Tokens between windows, 1 to context - 1. Below context - 1: a sliding "
+                       "window, each token predicted from at least context - stride tokens. Default: "
+                       "context - 1, disjoint windows.")
   flags.DEFINE_integer("context", None, "Window length in tokens, up to the model's positions; default: the "
                        "run's data.seq_length.")
   flags.DEFINE_integer("batch_size", None, "Windows per batch; default: the run's training.eval_batch_size.")
@@ -126,18 +127,19 @@ def main(argv) -> None:
 
   from absl import flags
 
-  from jaxlm import cli, data, workdir
+  from jaxlm import data, workdir
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv
+  if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+    raise EvaluateError(f"--batch_size={FLAGS.batch_size} must be >= 1")
   trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
   config = trained.config
-  context = FLAGS.context or config.data.seq_length
+  context = config.data.seq_length if FLAGS.context is None else FLAGS.context
   if not 2 <= context <= trained.context:
     raise EvaluateError(f"--context={context} must be between 2 and the model's {trained.context} positions")
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
-  source = data.source_spec(config)
+  source = data.source_spec(config, [FLAGS.split])
   lines = data.read_rows(config, source, [FLAGS.split])[FLAGS.split]
   tokens = data.encode(trained.tokenizer, lines)
   where = source.get("dir") or f"hub {source['name']}/{source['config']}"

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.cli import UserError
+from jaxlm.data import END_OF_TEXT
+from jaxlm.cli import UserError, naming
 
-END_OF_TEXT = "<|endoftext|>"
 MODEL_FILE = "model.safetensors"
 # jaxlm's activation -> HF's activation_function on export, and back on import. Each HF name here
 # computes the same function as its jaxlm counterpart (gelu_fast is the tanh form written differently).
@@ -134,7 +134,8 @@ def export(workdir: str, out: str, checkpoint: str = "best") -> None:
 
     write_json("config.json", _gpt2_config(trained.config, vocab_size, end_id))
     safetensors.numpy.save_file(tensors, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-    trained.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    with naming(os.path.join(out, "tokenizer.json")):
+      trained.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     write_json("tokenizer_config.json", _tokenizer_config(trained.context, end_id is not None))
     write_json("generation_config.json", _generation_config(trained.config.sample, end_id))
     _check_out(out)  # again: something may have appeared there meanwhile
@@ -258,9 +259,7 @@ def _define_flags() -> None:
 
 def main(argv) -> None:
   from absl import flags
-  from jaxlm import cli
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv
   FLAGS = flags.FLAGS
   export(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint)
   out = os.path.normpath(FLAGS.out)

@@ -3,16 +3,16 @@
     python -m jaxlm.generate --workdir=runs/experiment_1 --prompt="The meaning of life is"
 
 `make_sampler` compiles the whole decode loop once: the prompts are prefilled in one call of the
-model's decode mode, then a `lax.while_loop` feeds one token per step, updating the cache in place.
-Rows are prompts of any lengths (right-padded; each row keeps its own position). Once a row would
-pass the model's context, every row continues over a sliding window: the last `context` tokens are
-run through the model again for each new token (learned positions cannot be shifted in a cache), as
-nanoGPT does. A row ends at the end-of-text token. Temperature 0 is greedy; top-k and top-p (nucleus)
-cut the distribution before sampling. Randomness: fold_in(PRNGKey(seed), step), so a seed repeats.
+model's decode mode, then a loop (`lax.fori_loop` in chunks under a `lax.while_loop`) feeds one token
+per step, updating the cache in place. Rows are prompts of any lengths (right-padded; each row keeps
+its own position). Once the longest would pass the model's context, every row continues over a
+sliding window: the last `context` tokens are run through the model again for each new token
+(learned positions cannot be shifted in a cache), as nanoGPT does. A row ends at the end-of-text
+token. Temperature 0 is greedy; top-k and top-p (nucleus) cut the distribution before sampling.
+Randomness: fold_in(PRNGKey(seed), step), so a seed repeats.
 """
-import functools
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +20,8 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxlm import model as model_lib
+from jaxlm.data import END_OF_TEXT
 from jaxlm.cli import UserError
-
-END_OF_TEXT = "<|endoftext|>"
-
 
 class GenerateError(UserError):
   """Bad input to generation; the message says what to fix."""
@@ -64,13 +62,38 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, temperature: float, top_k
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
+class _Decoding(NamedTuple):
+  """What the decode loop carries from one token to the next."""
+  step: jax.Array  # decode steps so far (an ended row's length stops growing)
+  tokens_BT: jax.Array  # prompts and what follows them
+  lengths_B: jax.Array  # each row's tokens so far
+  done_B: jax.Array  # rows that made the end token
+  logits_BV: jax.Array  # of each row's next token
+  cache: dict  # the model's decode cache (unused past the context)
+
+
+def _steps(body, state: _Decoding, n: int, chunk: int = 16) -> _Decoding:
+  """`n` (static) calls of body, stopping early once every row has ended. A loop of known length
+  runs on a GPU without the host reading its condition back at every token: that is done once
+  per `chunk` tokens (on an H200 at batch 1: 9.5k instead of 8.5k tokens/s for the base model)."""
+  full, rest = divmod(n, chunk)
+  run = lambda s, k: jax.lax.fori_loop(0, k, lambda _, s: body(s), s)  # noqa: E731
+  if full:
+    stop = state.step + full * chunk
+    state = jax.lax.while_loop(lambda s: (s.step < stop) & ~jnp.all(s.done_B), lambda s: run(s, chunk), state)
+  if rest:
+    state = jax.lax.cond(jnp.all(state.done_B), lambda s: s, lambda s: run(s, rest), state)
+  return state
+
+
 def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, end_id: int | None = None,
                  stream: Callable[[np.ndarray], None] | None = None):
   """A jitted fn(params, tokens_BP, lengths_B, seed) -> (tokens [B, P + max_new_tokens], lengths [B]):
-  row b's prompt is tokens_BP[b, :lengths_B[b]] (each at most the model's context); the result holds
-  the prompt and what follows it, up to the row's final length (an end token included). `stream`,
-  when given, receives each step's new tokens [B] on the host as they are made."""
+  row b's prompt is tokens_BP[b, :lengths_B[b]] (each at most the model's context, the longest
+  P = tokens_BP.shape[1] long); the result holds the prompt and what follows it, up to the row's
+  final length (an end token included). `stream`, when given, receives each step's new tokens [B]
+  on the host as they are made."""
   check_settings(temperature, top_k, top_p, max_new_tokens)
   context = model.max_seq_length
   end = -1 if end_id is None else end_id
@@ -82,49 +105,47 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
     logits_BCV = model.apply({"params": params}, window_BC)
     return jnp.take_along_axis(logits_BCV, (lengths_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
 
-  def append(carry, key):
-    """Samples each row's next token from carry's logits and writes it after the row's last."""
-    step, tokens_BT, lengths_B, done_B, logits_BV, extra = carry
-    new_B = sample_token(jax.random.fold_in(key, step), logits_BV, temperature, top_k, top_p)
-    new_B = jnp.where(done_B, end, new_B)
-    tokens_BT = tokens_BT.at[jnp.arange(tokens_BT.shape[0]), lengths_B].set(new_B)
+  def append(s: _Decoding, key) -> tuple[_Decoding, jax.Array]:
+    """Samples each row's next token from the logits and writes it after the row's last."""
+    new_B = sample_token(jax.random.fold_in(key, s.step), s.logits_BV, temperature, top_k, top_p)
+    new_B = jnp.where(s.done_B, end, new_B)  # an ended row stays in place
+    tokens_BT = s.tokens_BT.at[jnp.arange(s.tokens_BT.shape[0]), s.lengths_B].set(new_B)
     if stream is not None:
       io_callback(stream, None, new_B, ordered=True)
-    return step + 1, tokens_BT, lengths_B + ~done_B, done_B | (new_B == end), new_B, extra
+    return s._replace(step=s.step + 1, tokens_BT=tokens_BT, lengths_B=s.lengths_B + ~s.done_B,
+                      done_B=s.done_B | (new_B == end)), new_B
 
   @jax.jit
   def sample(params, tokens_BP, lengths_B, seed):
     B, P = tokens_BP.shape
+    if P > context:
+      raise GenerateError(f"prompts of {P} tokens do not fit the model's context of {context}: keep their last "
+                          f"{context} (encode_prompt does)")
     key = jax.random.PRNGKey(seed)
     tokens_BT = jnp.concatenate([tokens_BP, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
     # Prefill every row's prompt in one call; each row's cache index then sits at its own length.
     cache = model_lib.init_cache(model, B, context)
     logits_BPV, variables = model.apply({"params": params, "cache": cache}, tokens_BP, decode=True,
                                         mutable=["cache"])
-    cache = {**variables["cache"], "index": lengths_B}
     logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    carry = (0, tokens_BT, lengths_B, jnp.zeros(B, bool), logits_BV, cache)
+    state = _Decoding(jnp.zeros((), jnp.int32), tokens_BT, lengths_B, jnp.zeros(B, bool), logits_BV,
+                      {**variables["cache"], "index": lengths_B})
 
-    def going(carry):
-      step, _, lengths_B, done_B, _, _ = carry
-      return (step < max_new_tokens) & ~jnp.all(done_B)
-
-    def cached_step(carry):  # feeds the new token at its position, attending to the cache
-      step, tokens_BT, lengths_B, done_B, new_B, cache = append(carry, key)
-      logits_B1V, variables = model.apply({"params": params, "cache": cache}, new_B[:, None], decode=True,
+    def cached_step(s: _Decoding) -> _Decoding:  # feeds the new token at its position
+      s, new_B = append(s, key)
+      logits_B1V, variables = model.apply({"params": params, "cache": s.cache}, new_B[:, None], decode=True,
                                           mutable=["cache"])
-      return step, tokens_BT, lengths_B, done_B, logits_B1V[:, 0], variables["cache"]
+      return s._replace(logits_BV=logits_B1V[:, 0], cache=variables["cache"])
 
-    # While every row's next token has a position in the cache (rows that ended stay in place).
-    carry = jax.lax.while_loop(lambda c: going(c) & (jnp.max(c[2]) < context), cached_step, carry)
-    if P + max_new_tokens > context:  # the sliding window, past the context
+    def window_step(s: _Decoding) -> _Decoding:  # past the context: the last `context` tokens again
+      s, _ = append(s, key)
+      return s._replace(logits_BV=next_logits(params, s.tokens_BT, s.lengths_B))
 
-      def window_step(carry):
-        step, tokens_BT, lengths_B, done_B, _, extra = append(carry, key)
-        return step, tokens_BT, lengths_B, done_B, next_logits(params, tokens_BT, lengths_B), extra
-
-      carry = jax.lax.while_loop(going, window_step, carry)
-    return carry[1], carry[2]
+    # The longest prompt is P tokens: its next max_new_tokens fit the cache up to the context.
+    cached = min(max_new_tokens, context - P)
+    state = _steps(cached_step, state, cached)
+    state = _steps(window_step, state, max_new_tokens - cached)
+    return state.tokens_BT, state.lengths_B
 
   return sample
 
@@ -212,9 +233,8 @@ def _read_prompts(FLAGS) -> list[str]:
 
 def main(argv) -> None:
   from absl import flags
-  from jaxlm import cli, workdir
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from jaxlm import workdir
+  del argv
   FLAGS = flags.FLAGS
   prompts = _read_prompts(FLAGS)
   if FLAGS.num_samples < 1:
@@ -225,8 +245,9 @@ def main(argv) -> None:
   s = trained.config.sample  # the run's sampling settings are the defaults
   settings = dict(temperature=pick(FLAGS.temperature, s.temperature), top_k=pick(FLAGS.top_k, s.top_k),
                   top_p=pick(FLAGS.top_p, s.top_p))
-  ids = [encode_prompt(trained.tokenizer, p, trained.context, lambda m: print(m, file=sys.stderr))
-         for p in prompts for _ in range(FLAGS.num_samples)]
+  encoded = [encode_prompt(trained.tokenizer, p, trained.context, lambda m: print(m, file=sys.stderr))
+             for p in prompts]
+  ids = [prompt_ids for prompt_ids in encoded for _ in range(FLAGS.num_samples)]
   rows = [(p, i) for p in range(len(prompts)) for i in range(FLAGS.num_samples)]
   end_id = trained.tokenizer.token_to_id(END_OF_TEXT)
   streaming = len(ids) == 1
@@ -237,10 +258,10 @@ def main(argv) -> None:
   sampler = make_sampler(trained.model, FLAGS.max_new_tokens, **settings, end_id=end_id,
                          stream=TextStream(trained.tokenizer) if streaming else None)
   tokens, lengths = sampler(trained.params, *pad_prompts(ids), pick(FLAGS.seed, s.seed))
-  new = completions(tokens, lengths, [len(i) for i in ids], end_id)
-  if streaming:
+  if streaming:  # the text is out already
     print(flush=True)
     return
+  new = completions(tokens, lengths, [len(i) for i in ids], end_id)
   for (p, i), prompt_ids, new_ids in zip(rows, ids, new):
     print(f"--- prompt {p + 1}, sample {i + 1} ---")
     print(trained.tokenizer.decode(prompt_ids + new_ids), flush=True)

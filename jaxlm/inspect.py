@@ -27,10 +27,8 @@ def describe(workdir: str) -> str:
 
 
 def main(argv) -> None:
-  if len(argv) != 2:
-    raise cli.UsageError("usage: python -m jaxlm.inspect WORKDIR")
   print(describe(argv[1]))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, nargs=1, usage="usage: python -m jaxlm.inspect WORKDIR")

@@ -17,8 +17,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv
   try:
     train.train_and_evaluate(_CONFIG.value, fresh=_FRESH.value)
   except train.Interrupted as e:

@@ -1,11 +1,12 @@
 """Where a run's numbers go: the console, `<workdir>/metrics.jsonl` and TensorBoard event files."""
-import contextlib
 import json
 import math
 import os
 import time
 
 import jax
+
+from jaxlm.cli import naming
 
 # Datasheet dense bf16 peak FLOP/s per chip, for MFU. Devices not listed report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -49,21 +50,10 @@ class JsonlWriter:
       os.replace(tmp, path)
 
   def write(self, record: dict) -> None:
-    with _naming(self.path), open(self.path, "a") as f:
+    with naming(self.path), open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
       os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _naming(path: str):
-  """An OSError from writing `path` names it (a failed write() alone does not)."""
-  try:
-    yield
-  except OSError as e:
-    if e.filename or e.errno is None:
-      raise
-    raise OSError(e.errno, e.strerror, path) from None
 
 
 def _epoch_of(line: str) -> float:
@@ -85,7 +75,7 @@ class TensorBoard:
     from tensorboardX.proto.event_pb2 import Event, SessionLog
     os.makedirs(logdir, exist_ok=True)
     self._event = Event
-    with _naming(logdir):
+    with naming(logdir):
       self._writer = EventsWriter(os.path.join(logdir, "events"))
       self.path = self._writer._file_name
     # TensorBoard hides the points at and after a restart marker's step: what an earlier process
@@ -105,16 +95,16 @@ class TensorBoard:
     self.flush()
 
   def flush(self) -> None:
-    with _naming(self.path):
+    with naming(self.path):
       self._writer.flush()
 
   def close(self) -> None:
-    with _naming(self.path):
+    with naming(self.path):
       self._writer.close()
 
   def _write(self, event) -> None:
     event.wall_time = time.time()
-    with _naming(self.path):
+    with naming(self.path):
       self._writer.write_event(event)
 
 

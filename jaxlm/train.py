@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -38,7 +39,7 @@ class TrainingError(UserError):
 
 
 class Interrupted(Exception):
-  """SIGINT or SIGTERM stopped the run after `last` was saved."""
+  """SIGINT or SIGTERM stopped the run; `last` holds where it stood (its save has completed)."""
 
   def __init__(self, signum: int, step: int):
     super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step:,}")
@@ -179,7 +180,7 @@ class _StopRequest:
   def __init__(self):
     self.signum = None
     self._saving = False
-    self._quit = False
+    self._quit = None  # a second signal that came during a save
 
   def __enter__(self):
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -188,16 +189,24 @@ class _StopRequest:
     return self
 
   def _handle(self, signum, frame):
+    name = signal.Signals(signum).name
     if self.signum is None:
       self.signum = signum
-      print(f"\n{signal.Signals(signum).name}: stopping once the steps already under way are done, and "
-            f"saving a checkpoint (Ctrl-C again to quit at once)", flush=True)
+      _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
+           f"(Ctrl-C again to quit at once)\n")
     elif self._saving:
-      self._quit = True
-      print(f"\n{signal.Signals(signum).name}: quitting as soon as the checkpoint being written is complete",
-            flush=True)
+      self._quit = signum
+      _say(f"\n{name}: quitting as soon as the checkpoint being written is complete\n")
     else:
+      self._quit_now(signum)
+
+  @staticmethod
+  def _quit_now(signum: int):
+    """Ends the process with the signal's status (the command line says what was saved)."""
+    if signum == signal.SIGINT:
       raise KeyboardInterrupt
+    _say(f"\n{signal.Signals(signum).name} again: quitting now; what was already saved is intact\n")
+    raise SystemExit(128 + signum)
 
   @contextlib.contextmanager
   def saving(self):
@@ -207,11 +216,20 @@ class _StopRequest:
     finally:
       self._saving = False
     if self._quit:
-      raise KeyboardInterrupt
+      self._quit_now(self._quit)
 
   def __exit__(self, *exc):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+
+
+def _say(message: str) -> None:
+  """Writes from a signal handler: print() there can meet the main thread inside print() on the same
+  stream and fail ("reentrant call"); one write() to the file descriptor cannot."""
+  try:
+    os.write(sys.stdout.fileno(), message.encode())
+  except (AttributeError, OSError, ValueError):  # a stdout without a descriptor (e.g. under pytest)
+    print(message, end="", flush=True)
 
 
 class _SaveTimer:
@@ -234,11 +252,12 @@ class _SaveTimer:
 def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
   """The train split as [n, seq_length] sequences; every split checked for enough tokens."""
   L, B = config.data.seq_length, config.training.batch_size
-  for split, need in (("train", B * L), ("validation", 2), ("test", 2)):
+  for split, need, what in (("train", B * L, f"one batch of {B} sequences of data.seq_length = {L}"),
+                            ("validation", 2, "one token to predict"), ("test", 2, "one token to predict")):
     if len(corpus.tokens[split]) < need:
-      raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for "
-                               f"{'a batch of ' + str(B) if split == 'train' else 'one window of'} "
-                               f"data.seq_length = {L}. Use more data or a shorter --config.data.seq_length.")
+      raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for {what}. "
+                               f"Use more data, or a smaller --config.training.batch_size or "
+                               f"--config.data.seq_length.")
   return data_lib.sequences(corpus.tokens["train"], L)
 
 
@@ -269,7 +288,6 @@ class _Setup:
   corpus: data_lib.Corpus
   train_seqs: np.ndarray  # [n, seq_length]
   steps_per_epoch: int
-  total_steps: int
   num_steps: int  # the schedule's length
   schedule: optax.Schedule
   model: model_lib.Transformer
@@ -281,6 +299,10 @@ class _Setup:
   @property
   def data_name(self) -> str:
     return os.path.basename(self.corpus.path)
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.training.epochs * self.steps_per_epoch
 
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
@@ -295,12 +317,9 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   model = model_lib.build(config, corpus.vocab_size, dtype)
   with jax.default_device(device):
     state = create_train_state(config, model, make_optimizer(config, schedule))
-  if config.model.init_from:
-    from jaxlm import export
-    state = state.replace(params=export.load_gpt2_params(config.model.init_from, state.params))
-  return _Setup(config, device, dtype, corpus, train_seqs, steps_per_epoch, t.epochs * steps_per_epoch,
-                num_steps, schedule, model, state, model_lib.count_params(state.params),
-                model_lib.flops_per_token(config, corpus.vocab_size), metrics_lib.peak_flops(device, dtype))
+  return _Setup(config, device, dtype, corpus, train_seqs, steps_per_epoch, num_steps, schedule, model, state,
+                model_lib.count_params(state.params), model_lib.flops_per_token(config, corpus.vocab_size),
+                metrics_lib.peak_flops(device, dtype))
 
 
 def _print_setup(s: _Setup) -> None:
@@ -340,8 +359,10 @@ class _Run:
     self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
     self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
     self.state, self.loop = self._resume()
-    # What a model needs besides its checkpoint, for evaluate, generate and export.
+    # The config for people and tools (each checkpoint holds its own), the tokenizer for evaluate,
+    # generate and export.
     self.tokenizer = setup.corpus.tokenizer()
+    self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
     workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.CONFIG_FILE), self.config.to_dict())
     workdir_lib.write_atomically(os.path.join(self.workdir, workdir_lib.TOKENIZER_FILE), self.tokenizer.save)
     self.step = int(self.state.step)
@@ -362,6 +383,10 @@ class _Run:
   def _resume(self) -> tuple[TrainState, LoopState]:
     """(state, LoopState) from `last` when there is one, else the fresh ones."""
     if not self.checkpoints.exists("last"):
+      if self.config.model.init_from:
+        from jaxlm import export
+        params = export.load_gpt2_params(self.config.model.init_from, self.s.state.params)
+        return self.s.state.replace(params=params), LoopState()
       return self.s.state, LoopState()
     meta = self.checkpoints.restore_meta("last")
     _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
@@ -382,7 +407,14 @@ class _Run:
   def interrupt(self) -> None:
     """Saves `last` where the run stands and stops."""
     with self.stop.saving():
-      self.save("last", wait=True)
+      self.save("last")
+    self.stopped()
+
+  def stopped(self) -> None:
+    """Stops the run for the signal received, once the saves in flight have completed (a failed
+    one is reported instead)."""
+    with self.stop.saving():
+      self.checkpoints.wait()
     raise Interrupted(self.stop.signum, self.step)
 
   def train(self) -> None:
@@ -393,8 +425,8 @@ class _Run:
       t_epoch = time.perf_counter()
       steps_run, compile_s = self.train_epoch(self.loop.epoch + 1)
       self.end_epoch(self.loop.epoch + 1, t_epoch, steps_run, time.perf_counter() - t_epoch - compile_s)
-      if self.stop.signum:  # arrived during evaluation or saving: `last` is already this epoch's
-        raise Interrupted(self.stop.signum, self.step)
+      if self.stop.signum:  # arrived while sampling, logging or saving: `last` is this epoch's
+        self.stopped()
       self.progress.reset(self.step)
 
   def train_epoch(self, epoch: int) -> tuple[int, float]:
@@ -415,7 +447,7 @@ class _Run:
         self.progress.reset(self.step)
       save_due = self.step != end and (signum or self.save_timer.due(self.step))
       if self.step % t.log_every_steps == 0 or self.step == end or save_due:
-        self.log_steps(epoch, jax.device_get(pending), signum)  # the device runs ahead in between
+        self.log_steps(epoch, jax.device_get(pending))  # the device runs ahead in between
         pending = []
       if save_due:  # at an epoch's end, validate and save as usual first
         if signum:
@@ -423,24 +455,26 @@ class _Run:
         self.save("last")
     return steps_run, compile_s
 
-  def log_steps(self, epoch: int, host: list[dict], signum: int | None) -> None:
+  def log_steps(self, epoch: int, host: list[dict]) -> None:
     """Adds the last steps' metrics to the epoch's and to the logging interval's; at the interval's
     (or the epoch's) end, logs the interval's means to TensorBoard and prints a progress line. A
-    stop's partial interval is not logged: the resumed run logs it."""
+    stop's partial interval is logged by the resumed run."""
     t, end = self.config.training, epoch * self.s.steps_per_epoch
     self.checkpoints.check()  # a background save that failed stops the run here
     losses = [float(m["loss"]) for m in host]
-    if not all(map(math.isfinite, losses)):
+    # A non-finite gradient makes the next parameters non-finite: caught here, before any save.
+    if not all(math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"])) for m in host):
+      bad = next(m for m in host if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))))
       raise TrainingError(
-          f"the training loss became {losses[-1]} by step {self.step:,} (epoch {epoch}, learning rate "
-          f"{float(host[-1]['learning_rate']):.2e}). Nothing was saved from this epoch; the "
-          f"checkpoints in {self.workdir} are intact. Lower --config.training.learning_rate (now "
-          f"{t.learning_rate}) or check the data, then re-run to resume from `last`, or add "
-          f"--fresh to start over.")
+          f"the training diverged by step {self.step:,} (epoch {epoch}, loss {float(bad['loss'])}, gradient "
+          f"norm {float(bad['grad_norm'])}, learning rate {float(bad['learning_rate']):.2e}). Nothing after "
+          f"step {self.save_timer.step:,} was saved; the checkpoints in {self.workdir} are intact. Lower "
+          f"--config.training.learning_rate (now {t.learning_rate}) or check the data, then re-run to "
+          f"resume from `last`, or add --fresh to start over.")
     self.loop.train_loss_sum += math.fsum(losses)
     self.loop.train_steps += len(losses)
     self.interval += host
-    if signum or not (self.step % t.log_every_steps == 0 or self.step == end):
+    if not (self.step % t.log_every_steps == 0 or self.step == end):
       return
     means = {k: float(np.mean([m[k] for m in self.interval])) for k in ("loss", "grad_norm")}
     means["learning_rate"] = float(self.interval[-1]["learning_rate"])
@@ -502,7 +536,7 @@ class _Run:
       return None, None
     prompt = generate_lib.encode_prompt(self.tokenizer, s.prompt, self.s.model.max_seq_length)
     return generate_lib.make_sampler(self.s.model, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                                     self.tokenizer.token_to_id(generate_lib.END_OF_TEXT)), prompt
+                                     self.end_id), prompt
 
   def sample(self, epoch: int) -> None:
     """A sample from the fixed prompt, on the console and in TensorBoard (sample.* in the config)."""
@@ -510,8 +544,7 @@ class _Run:
       return
     tokens, lengths = self.sampler(self.state.params, *generate_lib.pad_prompts([self.sample_prompt]),
                                    self.config.sample.seed)
-    (new,) = generate_lib.completions(tokens, lengths, [len(self.sample_prompt)],
-                                      self.tokenizer.token_to_id(generate_lib.END_OF_TEXT))
+    (new,) = generate_lib.completions(tokens, lengths, [len(self.sample_prompt)], self.end_id)
     text = self.tokenizer.decode(self.sample_prompt + new)
     print(f"sample after epoch {epoch}: {text!r}", flush=True)
     self.tb.text(self.step, "sample", text)
@@ -521,7 +554,7 @@ class _Run:
     best_state, _ = self.checkpoints.restore("best", self.state)
     test = self.evaluate("test", best_state.params)
     if test is None:
-      raise Interrupted(self.stop.signum, self.step)  # `last` is final: re-running tests again
+      self.stopped()  # `last` is final: re-running the command tests again
     # One step past the last: re-running a finished run (it tests again) hides the earlier points.
     self.tb.scalars(self.step + 1, {k: test[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")}, "test")
     loop, t = self.loop, self.config.training

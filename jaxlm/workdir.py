@@ -23,7 +23,7 @@ import ml_collections
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm.cli import UserError
+from jaxlm.cli import UserError, naming
 
 LOCK_FILE = "run.lock"
 TOKENIZER_FILE = "tokenizer.json"
@@ -103,10 +103,12 @@ def write_atomically(path: str, write) -> None:
   names `path`."""
   tmp = path + ".tmp"
   try:
-    write(tmp)
-    os.replace(tmp, path)
-  except OSError as e:
-    raise OSError(e.errno, e.strerror, path) from None
+    with naming(path):
+      write(tmp)
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def write_json(path: str, obj) -> None:
@@ -140,8 +142,8 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
                        f"e.g. runs/experiment_1)")
   tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
   if not os.path.isfile(tokenizer_path):
-    raise WorkdirError(f"{workdir} has no {TOKENIZER_FILE}: it is not a run's work directory, or the run "
-                       f"started before jaxlm stored tokenizers there (re-run it once to add it)")
+    raise WorkdirError(f"{workdir} has no {TOKENIZER_FILE}: it is not a run's work directory, or its run "
+                       f"predates jaxlm keeping the tokenizer there (train it again, with --fresh)")
   if checkpoint not in checkpoint_lib.NAMES:
     raise WorkdirError(f"--checkpoint={checkpoint!r}: choose one of {', '.join(checkpoint_lib.NAMES)}")
   checkpoints = checkpoint_lib.Checkpoints(workdir, writer=False)
@@ -153,13 +155,26 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
     path = checkpoints.path(checkpoint)
   finally:
     checkpoints.close()
+  try:
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+  except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+    raise WorkdirError(f"{tokenizer_path} cannot be read ({str(e)[:200]}): was it edited? The run's data "
+                       f"cache holds a copy (data/processed/<name>/tokenizer.json)") from None
   config = ml_collections.ConfigDict(meta["config"])
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    raise WorkdirError(f"{path} was saved with a config this version of jaxlm cannot use ({e}): train it again, "
+                       f"with --fresh") from None
   config.device = device
-  dev = config_lib.select_device(config)
+  try:
+    dev = config_lib.select_device(config)
+  except (config_lib.ConfigError, KeyError):
+    raise WorkdirError(f"--device={device!r}: choose auto, cpu or one JAX has here "
+                       f"({', '.join(sorted({d.platform for d in jax.devices()}))})") from None
   if dev.platform != "gpu":
     config.model.attention = "auto"  # cuDNN's kernel was a training choice; it needs a GPU
   vocab_size = params["tok_emb"].shape[0]
   model = model_lib.build(config, vocab_size, config_lib.compute_dtype(config, dev))
   params = jax.device_put(params, dev)
-  return TrainedModel(config=config, model=model, params=params, meta=meta,
-                      tokenizer=Tokenizer.from_file(tokenizer_path), path=path)
+  return TrainedModel(config=config, model=model, params=params, meta=meta, tokenizer=tokenizer, path=path)

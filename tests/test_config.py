@@ -79,6 +79,14 @@ def test_unknown_variant_fails():
     ("training.clip_norm", 0.0, "'training.clip_norm' = 0.0 must be > 0"),
     ("device", "gpu0", "'device' = 'gpu0' must be one of"),
     ("workdir", "", "'workdir' = '' must name a directory"),
+    ("model.activation", "relu", "'model.activation' = 'relu' must be one of 'gelu', 'gelu_tanh'"),
+    ("training.checkpoint_every_steps", -1, "'training.checkpoint_every_steps' = -1 must be >= 0"),
+    ("training.checkpoint_every_minutes", -5.0, "'training.checkpoint_every_minutes' = -5.0 must be >= 0"),
+    ("sample.max_new_tokens", -1, "'sample.max_new_tokens' = -1 must be >= 0"),
+    ("sample.temperature", -0.1, "'sample.temperature' = -0.1 must be >= 0"),
+    ("sample.top_p", 0.0, r"'sample.top_p' = 0.0 must be in \(0, 1\]"),
+    ("sample.top_p", 1.5, r"'sample.top_p' = 1.5 must be in \(0, 1\]"),
+    ("sample.prompt", "  ", "'sample.prompt' is empty: give the samples while training a prompt"),
 ])
 def test_each_bad_value_gives_one_error_naming_the_key(key, value, message):
   c = load_config()

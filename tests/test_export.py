@@ -248,7 +248,8 @@ def max_logit_difference(hf_model, tokens: list[int], model, params) -> float:
   import torch
   with torch.no_grad():
     hf_logits = hf_model(torch.tensor([tokens])).logits.numpy()
-  logits = np.asarray(model.apply({"params": params}, jnp.array([tokens])))
+  with jax.default_matmul_precision("highest"):  # float32 products on a GPU too (not TF32)
+    logits = np.asarray(model.apply({"params": params}, jnp.array([tokens])))
   assert hf_logits.shape == logits.shape and hf_logits.dtype == logits.dtype == np.float32
   difference = float(np.abs(hf_logits - logits).max())
   print(f"max |logits difference| {difference:.3g} (logits up to {np.abs(logits).max():.3g})")

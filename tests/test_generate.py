@@ -1,4 +1,5 @@
 """Decoding with a KV cache, sampling, and `python -m jaxlm.generate`."""
+import io
 import os
 import shutil
 import subprocess
@@ -30,6 +31,11 @@ def small_model(context=16, **model_overrides):
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "activation": "gelu_tanh"}])
 def test_kv_cache_decoding_gives_the_full_forward_pass_logits_at_every_position(overrides):
+  with jax.default_matmul_precision("highest"):  # float32 products on a GPU too (not TF32)
+    check_kv_cache_decoding(overrides)
+
+
+def check_kv_cache_decoding(overrides):
   model, params = small_model(**overrides)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (3, 16)), jnp.int32)
   full = jax.jit(model.apply)({"params": params}, tokens)
@@ -72,16 +78,19 @@ def test_greedy_generation_is_deterministic_batched_and_slides_past_the_context(
     assert row == greedy_by_recomputing(model, params, prompt, 25)
 
 
-def test_generation_stops_at_the_end_token():
+def test_generation_stops_at_the_end_token_row_by_row():
   model, params = small_model()
-  (free,) = generate_lib.completions(*generate_lib.make_sampler(model, 12, temperature=0.0)(
-      params, *generate_lib.pad_prompts([[3, 1, 4]]), 0), [3], None)
-  end = free[4]
-  cut = free.index(end)
-  sampler = generate_lib.make_sampler(model, 12, temperature=0.0, end_id=end)
-  tokens, lengths = sampler(params, *generate_lib.pad_prompts([[3, 1, 4], [3, 1, 4]]), 0)
-  assert generate_lib.completions(tokens, lengths, [3, 3], end) == [free[:cut]] * 2
-  assert list(lengths) == [3 + cut + 1] * 2  # the end token is the row's last
+  prompts = [[3, 1, 4], [2, 7], [9, 9, 9, 9]]
+  free = generate_lib.completions(*generate_lib.make_sampler(model, 20, temperature=0.0)(
+      params, *generate_lib.pad_prompts(prompts), 0), [len(p) for p in prompts], None)
+  end = free[0][4]  # a token the first row makes: rows end at different steps, or not at all
+  sampler = generate_lib.make_sampler(model, 20, temperature=0.0, end_id=end)
+  tokens, lengths = sampler(params, *generate_lib.pad_prompts(prompts), 0)
+  expected = [row[:row.index(end)] if end in row else row for row in free]
+  assert generate_lib.completions(tokens, lengths, [len(p) for p in prompts], end) == expected
+  for prompt, row, length in zip(prompts, free, lengths):
+    assert length == len(prompt) + (row.index(end) + 1 if end in row else 20)  # the end token is the last
+  assert len({len(row) for row in expected}) > 1
 
 
 def test_sampling_is_seeded():
@@ -105,13 +114,36 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
   for top_k, top_p in ((5, 1.0), (1, 1.0), (0, 0.5), (0, 0.9), (10, 0.6)):
     samples = np.asarray(draw(keys, top_k, top_p))  # [draws, rows]
     for row in range(4):
-      allowed = set(order[row, :top_k or 50])
-      cumulative_before = np.cumsum(probs[row, order[row]]) - probs[row, order[row]]
-      allowed &= set(order[row, cumulative_before < top_p])
+      # Top-k first; then, of those renormalised, the smallest set whose probability reaches top_p.
+      kept = order[row, :top_k or 50]
+      renormalised = probs[row, kept] / probs[row, kept].sum()
+      allowed = set(kept[np.cumsum(renormalised) - renormalised < top_p])
       assert set(samples[:, row]) <= allowed, (top_k, top_p, row)
       if len(allowed) > 1:
         assert len(set(samples[:, row])) > 1  # it still samples
   assert (np.asarray(generate_lib.sample_token(keys[0], logits, 0.0, 0, 1.0)) == order[:, 0]).all()
+
+
+def test_text_stream_prints_whole_characters_as_tokens_come():
+  from tokenizers import ByteLevelBPETokenizer
+  tokenizer = ByteLevelBPETokenizer()
+  tokenizer.train_from_iterator(["a b c"], vocab_size=260, show_progress=False)  # no merge covers é
+  ids = tokenizer.encode("a é b").ids  # é: two byte tokens
+  out = io.StringIO()
+  stream = generate_lib.TextStream(tokenizer, out)
+  seen = []
+  for i in ids:
+    stream(np.array([i]))
+    seen.append(out.getvalue())
+  assert seen[-1] == "a é b" == tokenizer.decode(ids)
+  assert not any("\ufffd" in text for text in seen)  # never half a character
+  assert len(set(seen)) < len(seen)  # the first byte of é printed nothing
+
+
+def test_a_prompt_longer_than_the_context_is_refused_by_the_sampler():
+  model, params = small_model()
+  with pytest.raises(generate_lib.GenerateError, match="prompts of 17 tokens do not fit the model's context of 16"):
+    generate_lib.make_sampler(model, 4)(params, *generate_lib.pad_prompts([list(range(17))]), 0)
 
 
 @pytest.mark.parametrize("bad, message", [

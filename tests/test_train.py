@@ -106,6 +106,21 @@ def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
   assert len(read_metrics(workdir)) == 2
 
 
+def test_saves_within_epochs_change_nothing_but_how_much_a_crash_loses(tiny_config, tmp_path):
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "reference")
+  reference.training.checkpoint_every_minutes = 0.0
+  summary = train_lib.train_and_evaluate(reference)
+  tiny_config.training.checkpoint_every_minutes = 0.0005  # 30 ms: several times per epoch
+  assert train_lib.train_and_evaluate(tiny_config) == summary
+  saves = int(os.listdir(os.path.join(tiny_config.workdir, "checkpoints", "last"))[0])  # orbax numbers the saves
+  assert saves > 2 * tiny_config.training.epochs
+  assert os.listdir(os.path.join(reference.workdir, "checkpoints", "last")) == [str(tiny_config.training.epochs)]
+  ours, _ = restore(tiny_config.workdir, "last", tiny_config, data_lib.load(tiny_config).vocab_size)
+  theirs, _ = restore(reference.workdir, "last", reference, data_lib.load(reference).vocab_size)
+  assert_same_tree(ours.params, theirs.params)
+
+
 def test_early_stopping_after_exactly_patience_epochs_and_best_only_on_improvement(tiny_config):
   tiny_config.training.learning_rate = 0.0  # nothing changes after epoch 1: no improvement ever
   tiny_config.training.min_learning_rate = 0.0
@@ -258,7 +273,10 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
     a, b = read_metrics(tiny_config.workdir), read_metrics(reference.workdir)
     columns = sorted(set(a.columns) - TIMING_KEYS)
     pd.testing.assert_frame_equal(a[columns], b[columns])
-    assert scalars(tiny_config.workdir)["val/loss"] == scalars(reference.workdir)["val/loss"]
+    ours, theirs = scalars(tiny_config.workdir), scalars(reference.workdir)
+    assert ours["val/loss"] == theirs["val/loss"]
+    # Every training point is logged once, a stop's interval by the resumed run.
+    assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
 
 
 def test_crash_between_saving_best_and_last_resumes_correctly(tiny_config, tmp_path):
@@ -343,6 +361,14 @@ def test_bad_config_on_the_command_line_is_one_clear_error(tiny_config, tmp_path
   assert not os.path.exists(tiny_config.workdir)
 
 
+def test_a_train_split_smaller_than_one_batch_is_one_clear_error(tiny_config):
+  tiny_config.training.batch_size = 512
+  with pytest.raises(data_lib.DataError, match=r"the train split has [\d,]+ tokens: too few for one batch of 512 "
+                                               r"sequences of data.seq_length = 32\. Use more data"):
+    train_lib.train_and_evaluate(tiny_config)
+  assert not os.path.exists(os.path.join(tiny_config.workdir, "checkpoints"))
+
+
 def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_config):
   tiny_config.training.epochs = 1
   tiny_config.training.num_steps = 1000
@@ -350,7 +376,9 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny
   before = read_metrics(tiny_config.workdir)
   tiny_config.training.epochs = 2
   tiny_config.training.learning_rate = 1e30  # diverges within a few steps
-  with pytest.raises(train_lib.TrainingError, match=r"the training loss became (nan|inf).*checkpoints .* are intact"):
+  with pytest.raises(train_lib.TrainingError, match=r"the training diverged by step [\d,]+ \(epoch 2, loss .*, "
+                                                    r"gradient norm .*Nothing after step 20 was saved; the "
+                                                    r"checkpoints .* are intact"):
     train_lib.train_and_evaluate(tiny_config)
   checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False)
   assert checkpoints.restore_meta("last")["epoch"] == 1
