@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Callable
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print the traceback and the libraries' log "
                              "messages instead of one line.")
@@ -106,9 +106,8 @@ def _without_closed_loop_noise(unraisablehook):
 def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
   verbose = _VERBOSE.value
   if not verbose and not flags.FLAGS["verbosity"].present:
-    # orbax and datasets log at length, also about failures this module reports in one line.
-    logging.set_verbosity(logging.FATAL)
-    std_logging.getLogger().setLevel(std_logging.CRITICAL)
+    # orbax, datasets and the hub client log at length, also about failures reported here in one line.
+    std_logging.disable(std_logging.ERROR)
     sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)  # the same
   try:

@@ -341,8 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
   config_lib.validate(config)
   if fresh:
     _move_aside(config.workdir)
-  workdir_lib.create(config.workdir)
+  made = workdir_lib.create(config.workdir)
   with contextlib.ExitStack() as stack:
+    stack.callback(workdir_lib.remove_if_unused, config.workdir, made)
     stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
     setup = _setup(config)
     _print_setup(setup)

@@ -34,7 +34,12 @@ class WorkdirError(UserError):
   """A work directory that cannot be used; the message says what to do."""
 
 
-def create(workdir: str) -> None:
+def create(workdir: str) -> str | None:
+  """Makes the work directory; returns the topmost folder this made (None if it existed), for
+  `remove_if_unused`."""
+  top, path = None, os.path.abspath(workdir)
+  while not os.path.exists(path):
+    top, path = path, os.path.dirname(path)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"cannot use {workdir!r} as the work directory: it is a file. Choose another with "
                        f"--config.workdir.")
@@ -45,6 +50,16 @@ def create(workdir: str) -> None:
   except OSError as e:
     raise WorkdirError(f"cannot use {workdir!r} as the work directory ({checkpoint_lib.cause(e)}). Choose "
                        f"another with --config.workdir.") from None
+  return top
+
+
+def remove_if_unused(workdir: str, top: str | None) -> None:
+  """Removes the folders `create` made, up to `top`, while they are empty: a run that failed before
+  writing anything leaves nothing behind."""
+  path = os.path.abspath(workdir)
+  while top and os.path.isdir(path) and not os.listdir(path) and path.startswith(top):
+    os.rmdir(path)
+    path = os.path.dirname(path)
 
 
 class Lock:

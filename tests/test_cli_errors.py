@@ -82,11 +82,11 @@ def cases(root, overrides):
       ("work directory is a file", main + [f"--config.workdir={root / 'a_file'}"], 1,
        f"error: cannot use '{root / 'a_file'}' as the work directory"),
       ("data_dir missing", at_run[:3] + [f"--config.data.data_dir={root / 'nowhere'}", *overrides[1:],
-                                         f"--config.workdir={root / 'other'}"], 1,
+                                         f"--config.workdir={root / 'other_1'}"], 1,
        f"error: data.data_dir '{root / 'nowhere'}' is not a directory"),
-      ("text not UTF-8", main + [f"--config.data.data_dir={bad}", f"--config.workdir={root / 'other'}"], 1,
+      ("text not UTF-8", main + [f"--config.data.data_dir={bad}", f"--config.workdir={root / 'other_2'}"], 1,
        f"error: {bad / 'validation.txt'} is not UTF-8 text (byte 0xe9 at offset 6 cannot be decoded)"),
-      ("binary file", main + [f"--config.data.data_dir={binary}", f"--config.workdir={root / 'other'}"], 1,
+      ("binary file", main + [f"--config.data.data_dir={binary}", f"--config.workdir={root / 'other_3'}"], 1,
        f"error: {binary / 'test.txt'} is not text (a NUL byte at offset 8"),
       ("incompatible resume", at_run + ["--config.model.d_model=64"], 1,
        f"error: the checkpoint in {run} belongs to a run with other settings (model.d_model 32 -> 64)"),
@@ -121,6 +121,7 @@ def test_each_failure_is_one_error_line_and_changes_nothing(finished):
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     list(pool.map(check, cases(root, overrides)))
   assert tree_digest(root / "run") == before  # no earlier checkpoint or metrics line changed
+  assert not any(name.startswith("other") for name in os.listdir(root))  # failed before writing: no folder left
 
 
 def test_verbose_shows_the_traceback(finished):
