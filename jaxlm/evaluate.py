@@ -26,6 +26,10 @@ from jaxlm import model as model_lib
 from jaxlm.cli import UserError
 
 
+# What `evaluate` measures, the figures a run logs for validation and test.
+METRICS = ("loss", "perplexity", "bpb", "word_perplexity")
+
+
 class EvaluateError(UserError):
   """Bad input to an evaluation; the message says what to fix."""
 

@@ -464,8 +464,8 @@ class _Run:
     self.checkpoints.check()  # a background save that failed stops the run here
     losses = [float(m["loss"]) for m in host]
     # A non-finite gradient makes the next parameters non-finite: caught here, before any save.
-    if not all(math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"])) for m in host):
-      bad = next(m for m in host if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))))
+    bad = next((m for m in host if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]))), None)
+    if bad is not None:
       raise TrainingError(
           f"the training diverged by step {self.step:,} (epoch {epoch}, loss {float(bad['loss'])}, gradient "
           f"norm {float(bad['grad_norm'])}, learning rate {float(bad['learning_rate']):.2e}). Nothing after "
@@ -506,7 +506,7 @@ class _Run:
               "mfu": metrics_lib.mfu(tokens_per_s, self.s.flops_per_token, self.s.peak),
               "best_val_loss": self.loop.best_val_loss, "improved": improved}
     self.jsonl.write(record)
-    self.tb.scalars(self.step, {k: val[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")}, "val")
+    self.tb.scalars(self.step, {k: val[k] for k in evaluate_lib.METRICS}, "val")
     self.sample(epoch)
     # `best` first, complete before `last` starts: if the process dies between the two, `last` is
     # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved.
@@ -557,11 +557,11 @@ class _Run:
     if test is None:
       self.stopped()  # `last` is final: re-running the command tests again
     # One step past the last: re-running a finished run (it tests again) hides the earlier points.
-    self.tb.scalars(self.step + 1, {k: test[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")}, "test")
+    self.tb.scalars(self.step + 1, {k: test[k] for k in evaluate_lib.METRICS}, "test")
     loop, t = self.loop, self.config.training
     summary = {"epochs": loop.epoch, "global_step": self.step, "stopped_early": loop.bad_epochs >= t.patience,
                "best_epoch": loop.best_epoch, "best_val_loss": loop.best_val_loss, "num_params": self.s.num_params,
-               **{f"test_{k}": test[k] for k in ("loss", "perplexity", "bpb", "word_perplexity")},
+               **{f"test_{k}": test[k] for k in evaluate_lib.METRICS},
                "test_mode": test["mode"]}
     workdir_lib.write_json(os.path.join(self.workdir, "test_metrics.json"), summary)
     print(evaluate_lib.summary_line(f"test (best epoch {loop.best_epoch})", test), flush=True)
