@@ -120,6 +120,9 @@ def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
     if verbose:
       raise
     raise SystemExit(f"error: {e}") from None
+  except BrokenPipeError:  # the output's reader went away (`| head`): nothing left to say
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(1) from None
   except OSError as e:  # a full disk, a missing permission, a path that is a file, ...
     if verbose or e.errno is None:
       raise

@@ -143,6 +143,9 @@ def main(argv) -> None:
     raise EvaluateError(f"--context={context} must be between 2 and the model's {trained.context} positions")
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
+  if config.data.data_dir and not os.path.isdir(config.data.data_dir):  # e.g. the run's relative path
+    raise EvaluateError(f"the folder {config.data.data_dir!r} is not there (from {os.getcwd()}): pass "
+                        f"--data_dir=FOLDER holding the {FLAGS.split} split's text")
   source = data.source_spec(config, [FLAGS.split])
   lines = data.read_rows(config, source, [FLAGS.split])[FLAGS.split]
   tokens = data.encode(trained.tokenizer, lines)
