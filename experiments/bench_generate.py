@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from jaxlm import config as config_lib
 from jaxlm import generate as generate_lib
 from jaxlm import model as model_lib
+from jaxlm import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py")
 _PROMPT = flags.DEFINE_integer("prompt_tokens", 512, "prompt length")
@@ -59,15 +60,13 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  device = config_lib.select_device(config)
-  dtype = config_lib.compute_dtype(config, device)
-  model = model_lib.build(config, _VOCAB.value, dtype)
+  setup = train_lib.setup(config, _VOCAB.value, num_steps=10_000)  # untrained: speed does not depend on it
+  device, dtype, model, params = setup.device, setup.dtype, setup.model, setup.state.params
   context = model.max_seq_length
   if _PROMPT.value + _NEW.value > context:
     raise SystemExit(f"prompt + new tokens ({_PROMPT.value + _NEW.value}) must fit the context ({context}): "
                      f"raise --config.model.max_seq_length")
   with jax.default_device(device):
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, context), jnp.int32))["params"]
     for batch in map(int, _BATCHES.value):
       prompts = np.random.default_rng(0).integers(0, _VOCAB.value, (batch, _PROMPT.value), dtype=np.int32)
       lengths = np.full(batch, _PROMPT.value, np.int32)

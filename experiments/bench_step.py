@@ -1,11 +1,20 @@
-"""Times jaxlm's jitted train step: one JSON line per run, comparable with the PyTorch baseline's
+"""Times jaxlm's training step, one JSON line per variant, comparable with the PyTorch baseline's
 `train.py --bench-steps` (same model, batch, sequence length and vocabulary; random tokens unless
---tokens-npy is given).
+--tokens_npy is given). Model and state come from `train.setup`, as in a run.
+
+Variants (--modes):
+  step   the jitted `train_step` on batches already on the device: the bare step
+  calls  what `python -m jaxlm.main` runs: `train.compile_train_steps` with --steps_per_call updates per
+         call, each gathering its batch on the device from a device-resident token array
 
   python experiments/bench_step.py --config=configs/base.py --steps=50
-  python experiments/bench_step.py --config=configs/base.py --config.training.batch_size=32
-  python experiments/bench_step.py --config=configs/base.py --config.model.d_model=512 ... --vocab_size=8192
+  python experiments/bench_step.py --config=configs/base.py --modes=step,calls --steps_per_call=1,16
+  python experiments/bench_step.py --config=configs/base.py --config.training.batch_size=32 --matmul
+  python experiments/bench_step.py ... --profile=/tmp/trace   # + the device's busiest kernels
 """
+import collections
+import glob
+import gzip
 import json
 import platform
 import resource
@@ -23,64 +32,130 @@ from jaxlm import model as model_lib
 from jaxlm import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py")
-_STEPS = flags.DEFINE_integer("steps", 50, "timed steps")
-_WARMUP = flags.DEFINE_integer("warmup", 5, "untimed steps first (compilation included)")
+_STEPS = flags.DEFINE_integer("steps", 50, "timed steps (rounded up to a multiple of each steps_per_call)")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "untimed calls first, after compiling")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "vocabulary of the random tokens")
 _TOKENS = flags.DEFINE_string("tokens_npy", "", "bench on this token array instead of random tokens")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats; the median is reported")
+_MODES = flags.DEFINE_list("modes", ["step"], "step and/or calls (see the docstring)")
+_PER_CALL = flags.DEFINE_list("steps_per_call", ["1"], "for --modes=calls: steps per jitted call")
+_MATMUL = flags.DEFINE_bool("matmul", False, "also time a large matmul in the compute dtype (the chip's rate)")
+_PROFILE = flags.DEFINE_string("profile", "", "trace one timed repeat of each variant into this directory "
+                               "and print the 15 kernels with the most device time")
+
+
+def token_pool(config, num_seqs: int) -> np.ndarray:
+  L = config.data.seq_length
+  if not _TOKENS.value:
+    return np.random.default_rng(0).integers(0, _VOCAB.value, (num_seqs, L), dtype=np.int32)
+  tokens = np.load(_TOKENS.value)
+  seqs = tokens[: len(tokens) // L * L].reshape(-1, L)
+  return seqs[np.arange(num_seqs) % len(seqs)].astype(np.int32)
+
+
+def make_variant(s: train_lib.Setup, mode: str, k: int, num_calls: int):
+  """(compile seconds, call(state, i) -> (state, metrics) running call i)."""
+  B = s.config.training.batch_size
+  pool = token_pool(s.config, num_calls * k * B)
+  if mode == "step":
+    batches = [jax.device_put(pool[i * B:(i + 1) * B]) for i in range(num_calls)]
+    fn = jax.jit(lambda st, b: train_lib.train_step(st, b, s.schedule), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = fn.lower(s.state, batches[0]).compile()
+    return time.perf_counter() - t0, lambda st, i: compiled(st, batches[i])
+  seqs, order = jax.device_put(pool), jax.device_put(np.arange(len(pool), dtype=np.int32))
+  program, compile_s = train_lib.compile_train_steps(s, s.state, seqs, order, k)
+  return compile_s, lambda st, i: program(st, seqs, order, np.int32(i * k))
+
+
+def matmul_flops(dtype) -> float:
+  """FLOP/s of a large square matmul in `dtype` (2048 on a CPU, 8192 elsewhere), median of 5."""
+  n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def top_kernels(trace_dir: str, steps: int, count: int = 15) -> list:
+  """[(kernel, microseconds per step, share of device time)] from the trace's perfetto file, the
+  first row being the total: ("all N kernels per step", device-busy microseconds per step, 1)."""
+  (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[-1:]
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "/device:" in e["args"].get("name", "") and "CPU" not in e["args"]["name"]}
+  times, launches = collections.Counter(), 0
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in gpu_pids:
+      times[e["name"][:80]] += e["dur"]
+      launches += 1
+  total = sum(times.values()) or 1
+  return [(f"all {launches / steps:.0f} kernels per step", round(total / steps, 1), 1.0)] + [
+      (name, round(us / steps, 1), round(us / total, 3)) for name, us in times.most_common(count)]
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  device = config_lib.select_device(config)
-  dtype = config_lib.compute_dtype(config, device)
+  s = train_lib.setup(config, _VOCAB.value, num_steps=10_000)
   B, L = config.training.batch_size, config.data.seq_length
-  n = (_WARMUP.value + _STEPS.value) * B
-  if _TOKENS.value:
-    tokens = np.load(_TOKENS.value)
-    seqs = tokens[: len(tokens) // L * L].reshape(-1, L)
-    pool = seqs[np.arange(n) % len(seqs)].astype(np.int32)
-  else:
-    pool = np.random.default_rng(0).integers(0, _VOCAB.value, (n, L), dtype=np.int32)
-  model = model_lib.build(config, _VOCAB.value, dtype)
-  schedule = train_lib.make_schedule(config, 10_000)
-  with jax.default_device(device):
-    state = train_lib.create_train_state(config, model, train_lib.make_optimizer(config, schedule))
-    batches = [jax.device_put(pool[i * B:(i + 1) * B]) for i in range(n // B)]
-    step_fn = jax.jit(lambda s, b: train_lib.train_step(s, b, schedule), donate_argnums=0)
-    t0 = time.perf_counter()
-    for b in batches[:_WARMUP.value]:
-      state, m = step_fn(state, b)
-    jax.block_until_ready(m)
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(_REPEATS.value):
-      t0 = time.perf_counter()
-      for b in batches[_WARMUP.value:]:
-        state, m = step_fn(state, b)
+  flops, rate = model_lib.flops_per_token(config, _VOCAB.value), None
+  if _MATMUL.value:
+    with jax.default_device(s.device):
+      rate = matmul_flops(s.dtype)
+  variants = [("step", 1)] if "step" in _MODES.value else []
+  variants += [("calls", int(k)) for k in _PER_CALL.value] if "calls" in _MODES.value else []
+  for mode, k in variants:
+    calls = -(-_STEPS.value // k)
+    with jax.default_device(s.device):
+      compile_s, call = make_variant(s, mode, k, _WARMUP.value + calls)
+      state = jax.tree.map(jnp.copy, s.state)  # s.state stays for the next variant (calls donate theirs)
+      for i in range(_WARMUP.value):
+        state, m = call(state, i)
       jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-  dt = float(np.median(times))
-  tokens_per_s = _STEPS.value * B * L / dt
-  flops = model_lib.flops_per_token(config, _VOCAB.value)
-  peak = metrics_lib.peak_flops(device, dtype)
-  if device.platform == "gpu":
-    peak_mem = device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
-  else:
-    peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(json.dumps(dict(
-      impl="jaxlm", device=device.platform, device_name=device.device_kind, dtype=jnp.dtype(dtype).name,
-      attention=config.model.attention, batch_size=B, seq_length=L, d_model=config.model.d_model,
-      num_layers=config.model.num_layers, vocab_size=_VOCAB.value,
-      params=model_lib.count_params(state.params), steps=_STEPS.value,
-      ms_per_step=round(1000 * dt / _STEPS.value, 3), tokens_per_s=round(tokens_per_s, 1),
-      model_tflops=round(tokens_per_s * flops / 1e12, 3),
-      mfu=round(metrics_lib.mfu(tokens_per_s, flops, peak), 4) if peak else None,
-      spread=round((max(times) - min(times)) / dt, 3), first_steps_s=round(warmup_s, 2),
-      final_loss=round(float(m["loss"]), 4), peak_mem_mb=round(peak_mem, 1),
-      jax=jax.__version__, host=platform.node())), flush=True)
+      times = []
+      for r in range(_REPEATS.value + bool(_PROFILE.value)):
+        tracing = _PROFILE.value and r == _REPEATS.value
+        if tracing:
+          jax.profiler.start_trace(f"{_PROFILE.value}/{mode}{k}", create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        for i in range(_WARMUP.value, _WARMUP.value + calls):
+          state, m = call(state, i)
+        jax.block_until_ready(m)
+        if tracing:
+          jax.profiler.stop_trace()
+        else:
+          times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    steps = calls * k
+    tokens_per_s = steps * B * L / dt
+    peak = s.peak_flops
+    if s.device.platform == "gpu":
+      peak_mem = s.device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
+    else:
+      peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(
+        impl="jaxlm", mode=mode, steps_per_call=k, device=s.device.platform, device_name=s.device.device_kind,
+        dtype=jnp.dtype(s.dtype).name, attention=s.model.attention, batch_size=B, seq_length=L,
+        d_model=config.model.d_model, num_layers=config.model.num_layers, vocab_size=_VOCAB.value,
+        params=s.num_params, steps=steps, ms_per_step=round(1000 * dt / steps, 3),
+        tokens_per_s=round(tokens_per_s, 1), model_tflops=round(tokens_per_s * flops / 1e12, 3),
+        mfu=round(metrics_lib.mfu(tokens_per_s, flops, peak), 4) if peak else None,
+        matmul_tflops=round(rate / 1e12, 3) if rate else None,
+        of_matmul=round(tokens_per_s * flops / rate, 3) if rate else None,
+        spread=round((max(times) - min(times)) / dt, 3), compile_s=round(compile_s, 2),
+        final_loss=round(float(m["loss"].reshape(-1)[-1]), 4), peak_mem_mb=round(peak_mem, 1),
+        jax=jax.__version__, host=platform.node())), flush=True)
+    if _PROFILE.value:
+      for row in top_kernels(f"{_PROFILE.value}/{mode}{k}", steps):
+        print(json.dumps({"kernel": row[0], "us_per_step": row[1], "share": row[2]}), flush=True)
 
 
 if __name__ == "__main__":

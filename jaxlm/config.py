@@ -80,6 +80,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "training.log_every_steps": (int, _positive),
     "training.checkpoint_every_steps": (int, _non_negative),
     "training.checkpoint_every_minutes": (float, _non_negative),
+    "training.steps_per_call": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 to choose by device"),
     "sample.prompt": (str, _ANY),
     "sample.max_new_tokens": (int, _non_negative),
     "sample.temperature": (float, _non_negative),
@@ -169,7 +170,45 @@ def compute_dtype(config: ml_collections.ConfigDict, device: jax.Device) -> jnp.
     dtype = jnp.dtype(jnp.float32 if device.platform == "cpu" else jnp.bfloat16)
   else:
     dtype = jnp.dtype(config.model.dtype)
-  if config.model.attention == "cudnn" and (device.platform != "gpu" or dtype != jnp.bfloat16):
-    raise ConfigError(f"config key 'model.attention' = 'cudnn' needs an NVIDIA GPU computing in bfloat16 "
-                      f"(here: {device.platform}, {dtype.name}). Use --config.model.attention=auto.")
+  if config.model.attention == "cudnn" and not _cudnn_attention_runs(config, device, dtype):
+    raise ConfigError(f"config key 'model.attention' = 'cudnn' needs an NVIDIA GPU computing in bfloat16 and "
+                      f"a head size (d_model / num_heads) of at most 128, a multiple of 8 (here: "
+                      f"{device.platform}, {dtype.name}, head size {config.model.d_model // config.model.num_heads}). "
+                      f"Use --config.model.attention=auto.")
   return dtype
+
+
+def _cudnn_attention_runs(config: ml_collections.ConfigDict, device: jax.Device, dtype) -> bool:
+  head_size = config.model.d_model // config.model.num_heads
+  return device.platform == "gpu" and dtype == jnp.bfloat16 and head_size <= 128 and head_size % 8 == 0
+
+
+# From this sequence length on, cuDNN's flash attention beats XLA's on the GPUs measured (see
+# experiments/README.md, "Attention kernel"); below it the two are level and XLA's is kept.
+CUDNN_MIN_SEQ_LENGTH = 256
+
+
+def attention_kernel(config: ml_collections.ConfigDict, device: jax.Device, dtype) -> str:
+  """model.attention on `device` computing in `dtype`: auto is cuDNN's fused flash attention where it
+  runs and wins (an NVIDIA GPU, bfloat16, sequences of CUDNN_MIN_SEQ_LENGTH or more), else XLA's."""
+  if config.model.attention != "auto":
+    return config.model.attention
+  cudnn = _cudnn_attention_runs(config, device, dtype) and config.data.seq_length >= CUDNN_MIN_SEQ_LENGTH
+  return "cudnn" if cudnn else "xla"
+
+
+# Updates per jitted call on an accelerator, where dispatching each step from Python costs as much as
+# the step itself for small models (see experiments/README.md, "The training loop").
+ACCELERATOR_STEPS_PER_CALL = 16
+
+
+def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device) -> int:
+  """training.steps_per_call; auto (-1): one on a CPU, where a step takes far longer than its dispatch,
+  else the largest divisor of training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL (calls then
+  end on logging boundaries without a shorter call in between)."""
+  if config.training.steps_per_call != -1:
+    return config.training.steps_per_call
+  if device.platform == "cpu":
+    return 1
+  every = config.training.log_every_steps
+  return max(k for k in range(1, ACCELERATOR_STEPS_PER_CALL + 1) if every % k == 0)

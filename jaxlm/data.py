@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import ml_collections
 import numpy as np
@@ -373,15 +372,6 @@ def steps_per_epoch(num_sequences: int, batch_size: int) -> int:
 def epoch_order(seed: int, epoch: int, num_sequences: int) -> np.ndarray:
   """The training order of epoch `epoch` (1-based): a pure function of (seed, epoch)."""
   return np.random.default_rng([seed, epoch]).permutation(num_sequences)
-
-
-def train_batches(seqs: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  start: int = 0) -> Iterator[np.ndarray]:
-  """int32 [batch_size, seq_length] batches of one epoch, from its batch `start` on. Any batch is
-  reproducible from (seed, epoch, index) without replaying the epoch (exact resume)."""
-  order = epoch_order(seed, epoch, len(seqs))
-  for i in range(start, steps_per_epoch(len(seqs), batch_size)):
-    yield np.asarray(seqs[order[i * batch_size:(i + 1) * batch_size]], np.int32)
 
 
 # ----------------------------------------------------------------------------------------------- CLI

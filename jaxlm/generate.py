@@ -103,7 +103,7 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
     start_B = jnp.maximum(lengths_B - context, 0)
     window_BC = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (context,)))(tokens_BT, start_B)
     logits_BCV = model.apply({"params": params}, window_BC)
-    return jnp.take_along_axis(logits_BCV, (lengths_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
+    return jnp.take_along_axis(logits_BCV, (lengths_B - 1 - start_B)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
   def append(s: _Decoding, key) -> tuple[_Decoding, jax.Array]:
     """Samples each row's next token from the logits and writes it after the row's last."""
@@ -127,7 +127,7 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
     cache = model_lib.init_cache(model, B, context)
     logits_BPV, variables = model.apply({"params": params, "cache": cache}, tokens_BP, decode=True,
                                         mutable=["cache"])
-    logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     state = _Decoding(jnp.zeros((), jnp.int32), tokens_BT, lengths_B, jnp.zeros(B, bool), logits_BV,
                       {**variables["cache"], "index": lengths_B})
 
@@ -135,7 +135,7 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
       s, new_B = append(s, key)
       logits_B1V, variables = model.apply({"params": params, "cache": s.cache}, new_B[:, None], decode=True,
                                           mutable=["cache"])
-      return s._replace(logits_BV=logits_B1V[:, 0], cache=variables["cache"])
+      return s._replace(logits_BV=logits_B1V[:, 0].astype(jnp.float32), cache=variables["cache"])
 
     def window_step(s: _Decoding) -> _Decoding:  # past the context: the last `context` tokens again
       s, _ = append(s, key)

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from jaxlm import config as config_lib
 
@@ -34,7 +33,7 @@ class Block(nn.Module):
   layer_norm_eps: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  attention: str | None  # jax.nn.dot_product_attention's implementation; None lets JAX pick
+  attention: str  # jax.nn.dot_product_attention's implementation: xla or cudnn
   approximate_gelu: bool  # tanh approximation (GPT-2's "gelu_new") instead of the exact erf
 
   @nn.compact
@@ -51,8 +50,8 @@ class Block(nn.Module):
     qkv_BL3HK = dense(3 * D, self.init_std, "qkv")(norm("ln1")(x_BLD)).reshape(B, L, 3, self.num_heads, K)
     q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
     if positions_BL is None:
-      # Fused causal attention (cuDNN flash attention on GPU when asked; XLA otherwise); the softmax
-      # runs in float32 whatever the dtype.
+      # Fused causal attention (cuDNN's flash attention or XLA's, see config.attention_kernel); the
+      # softmax runs in float32 whatever the dtype.
       attn_BLHK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
     else:
       attn_BLHK = self._cached_attention(q, k, v, positions_BL)
@@ -97,12 +96,14 @@ class Transformer(nn.Module):
   layer_norm_eps: float
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  attention: str | None = None
+  attention: str = "xla"
   approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, deterministic: bool = True, decode: bool = False) -> jax.Array:
-    """int [B, L] token ids -> float32 [B, L, V] logits of the next token at every position.
+    """int [B, L] token ids -> [B, L, V] logits of the next token at every position, in the compute
+    dtype (bfloat16 under mixed precision: the losses and samplers take them to float32 themselves,
+    fused into their first pass, instead of a float32 copy of [B, L, V] here).
     decode: the tokens follow those already in the cache (apply with mutable=["cache"])."""
     B, L = tokens_BL.shape
     init = nn.initializers.normal(self.init_std)
@@ -132,18 +133,19 @@ class Transformer(nn.Module):
     else:
       logits_BLV = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="head")(x_BLD)
-    return logits_BLV.astype(jnp.float32)  # the loss and its softmax in float32
+    return logits_BLV
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32) -> Transformer:
-  """The model `config.model` describes, computing in `dtype` (see config.compute_dtype)."""
+def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32, attention: str = "xla") -> Transformer:
+  """The model `config.model` describes, computing in `dtype` with the `attention` kernel (see
+  config.compute_dtype and config.attention_kernel)."""
   m = config.model
   return Transformer(
       vocab_size=vocab_size, max_seq_length=config_lib.max_seq_length(config), d_model=m.d_model,
       num_layers=m.num_layers, num_heads=m.num_heads, d_ff=m.d_ff, dropout=m.dropout,
       tie_embeddings=m.tie_embeddings, init_std=m.init_std, scaled_residual_init=m.scaled_residual_init,
       layer_norm_eps=m.layer_norm_eps, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype),
-      attention=None if m.attention == "auto" else m.attention, approximate_gelu=m.activation == "gelu_tanh")
+      attention=attention, approximate_gelu=m.activation == "gelu_tanh")
 
 
 def init_cache(model: Transformer, batch_size: int, length: int):
@@ -155,7 +157,34 @@ def init_cache(model: Transformer, batch_size: int, length: int):
 
 def next_token_losses(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
   """float32 [B, L-1]: cross-entropy of each token given those before it."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV[:, :-1], tokens_BL[:, 1:])
+  targets_BL = jnp.roll(tokens_BL, -1, axis=1)  # the last position's target is unused: no [B, L-1, V] slice
+  return cross_entropy(logits_BLV, targets_BL)[:, :-1]
+
+
+@jax.custom_vjp
+def cross_entropy(logits_NV: jax.Array, labels_N: jax.Array) -> jax.Array:
+  """float32 [...]: -log softmax(logits)[label] over the last axis, computed in float32 from logits of
+  any float dtype. Written out (forward and gradient) so that bfloat16 logits are read, and their
+  gradient written, once each in bfloat16: autodiff of a float32 log-softmax keeps float32 [N, V]
+  copies (2 GB for GPT-2-small's batch: a tenth of its step on an H200)."""
+  return _cross_entropy_fwd(logits_NV, labels_N)[0]
+
+
+def _cross_entropy_fwd(logits_NV, labels_N):
+  logits_f32 = logits_NV.astype(jnp.float32)
+  lse_N = jax.nn.logsumexp(logits_f32, axis=-1)
+  label_logit_N = jnp.take_along_axis(logits_f32, labels_N[..., None], axis=-1)[..., 0]
+  return lse_N - label_logit_N, (logits_NV, labels_N, lse_N)
+
+
+def _cross_entropy_bwd(residuals, g_N):
+  logits_NV, labels_N, lse_N = residuals
+  probs_NV = jnp.exp(logits_NV.astype(jnp.float32) - lse_N[..., None])
+  onehot_NV = labels_N[..., None] == jnp.arange(logits_NV.shape[-1])
+  return ((probs_NV - onehot_NV) * g_N[..., None]).astype(logits_NV.dtype), None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def count_params(params) -> int:

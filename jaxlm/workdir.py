@@ -190,6 +190,7 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
   if dev.platform != "gpu":
     config.model.attention = "auto"  # cuDNN's kernel was a training choice; it needs a GPU
   vocab_size = params["tok_emb"].shape[0]
-  model = model_lib.build(config, vocab_size, config_lib.compute_dtype(config, dev))
+  dtype = config_lib.compute_dtype(config, dev)
+  model = model_lib.build(config, vocab_size, dtype, config_lib.attention_kernel(config, dev, dtype))
   params = jax.device_put(params, dev)
   return TrainedModel(config=config, model=model, params=params, meta=meta, tokenizer=tokenizer, path=path)

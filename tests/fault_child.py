@@ -4,7 +4,7 @@
 
 FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kill -9`):
   none            no fault
-  step:N          dies right after dispatching global training step N
+  step:N          dies right after dispatching the call that runs global training step N
   save:NAME:K     dies right after orbax started the K-th save of `NAME` (last or best): its files are
                   being written in the background
   saved:NAME:K    dies right after the K-th save of `NAME` was committed
@@ -28,6 +28,7 @@ from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
 from jaxlm import main as main_lib
+from jaxlm import train as train_lib
 
 
 def die() -> None:
@@ -36,17 +37,22 @@ def die() -> None:
 
 
 def at_step(n: int, action) -> None:
-  """Calls `action` right after the batch of global step `n` is handed to the train step."""
-  real = data_lib.train_batches
+  """Calls `action` right after the call of the compiled train steps that runs global step `n` is
+  dispatched."""
+  real = train_lib.compile_train_steps
 
-  def batches(seqs, batch_size, seed, epoch, start=0):
-    steps_per_epoch = data_lib.steps_per_epoch(len(seqs), batch_size)
-    for i, batch in enumerate(real(seqs, batch_size, seed, epoch, start), start):
-      yield batch
-      if (epoch - 1) * steps_per_epoch + i + 1 == n:
+  def compile_train_steps(s, state, seqs, order, num_steps):
+    program, seconds = real(s, state, seqs, order, num_steps)
+
+    def run(state, *args):
+      done = int(state.step)  # steps before this call
+      result = program(state, *args)
+      if done < n <= done + num_steps:
         action()
+      return result
+    return run, seconds
 
-  data_lib.train_batches = batches
+  train_lib.compile_train_steps = compile_train_steps
 
 
 def on_call(owner, attribute: str, k: int, action, before: bool = False, when=lambda *a, **kw: True):

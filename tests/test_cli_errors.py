@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BASE_CONFIG, subprocess_env, write_corpus
 
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 
 
 def tree_digest(directory) -> dict:
@@ -39,7 +39,7 @@ def finished(tmp_path_factory):
   config.data.data_dir, config.data.raw_dir = str(root / "corpus"), str(root / "data" / "raw")
   config.data.processed_dir, config.workdir = str(root / "data" / "processed"), str(root / "run")
   config.device, config.training.epochs = "cpu", 1
-  train_lib.train_and_evaluate(config)
+  run_lib.train_and_evaluate(config)
   overrides = [f"--config.data.data_dir={root / 'corpus'}", f"--config.data.raw_dir={root / 'data' / 'raw'}",
                f"--config.data.processed_dir={root / 'data' / 'processed'}", "--config.device=cpu",
                "--config.training.epochs=1"]

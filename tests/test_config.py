@@ -154,3 +154,42 @@ def test_compute_dtype_and_cudnn_attention_need_the_right_device():
   c.model.attention = "cudnn"
   with pytest.raises(config_lib.ConfigError, match="'model.attention' = 'cudnn' needs an NVIDIA GPU"):
     config_lib.compute_dtype(c, cpu)
+
+
+class _Gpu:
+  """Stands in for a jax.Device of an NVIDIA GPU, for the choices made from the device's kind."""
+  platform = "gpu"
+
+
+def test_attention_auto_is_cudnn_on_a_gpu_in_bfloat16_from_256_tokens_on():
+  import jax
+  import jax.numpy as jnp
+  c = load_config()
+  assert config_lib.attention_kernel(c, jax.devices("cpu")[0], jnp.float32) == "xla"
+  assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "xla"  # 128 tokens: level, XLA's kept
+  c.data.seq_length = config_lib.CUDNN_MIN_SEQ_LENGTH
+  assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "cudnn"
+  assert config_lib.attention_kernel(c, _Gpu(), jnp.float32) == "xla"  # cuDNN's kernel is bf16/fp16 only
+  c.model.d_model, c.model.num_heads = 320, 2  # head size 160: beyond cuDNN's 128
+  assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "xla"
+  with pytest.raises(config_lib.ConfigError, match="head size"):
+    c.model.attention = "cudnn"
+    config_lib.compute_dtype(c, _Gpu())
+  c.model.attention = "xla"
+  assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "xla"
+
+
+def test_steps_per_call_auto_is_one_on_a_cpu_and_divides_the_log_interval_elsewhere():
+  import jax
+  c = load_config()
+  assert config_lib.steps_per_call(c, jax.devices("cpu")[0]) == 1
+  assert config_lib.steps_per_call(c, _Gpu()) == 10  # log_every_steps 100
+  c.training.log_every_steps = 64
+  assert config_lib.steps_per_call(c, _Gpu()) == 16
+  c.training.log_every_steps = 7
+  assert config_lib.steps_per_call(c, _Gpu()) == 7
+  c.training.steps_per_call = 5
+  assert config_lib.steps_per_call(c, jax.devices("cpu")[0]) == 5
+  c.training.steps_per_call = 0
+  with pytest.raises(config_lib.ConfigError, match="'training.steps_per_call' = 0 must be > 0, or -1"):
+    config_lib.validate(c)

@@ -4,11 +4,13 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
 from jaxlm import data as data_lib
+from jaxlm import train as train_lib
 
 from conftest import BASE_CONFIG, SHARED_DATA, subprocess_env, write_corpus
 
@@ -232,23 +234,28 @@ def test_sequences_and_steps():
 
 
 def test_batch_order_is_deterministic_shuffled_and_resumable():
+  """Batch i of an epoch, gathered on the device from the epoch's order, without replaying 0..i-1."""
   seqs = np.arange(50 * 4, dtype=np.uint16).reshape(50, 4)
   B = 3
-  epoch1 = list(data_lib.train_batches(seqs, B, seed=0, epoch=1))
+  steps = data_lib.steps_per_epoch(len(seqs), B)
+
+  def epoch(seed, e, start=0):
+    order = data_lib.epoch_order(seed, e, len(seqs)).astype(np.int32)
+    return [np.asarray(train_lib.batch_at(jnp.asarray(seqs), jnp.asarray(order), jnp.int32(i), B))
+            for i in range(start, steps)]
+
+  epoch1 = epoch(0, 1)
   assert len(epoch1) == 16 and all(b.shape == (B, 4) and b.dtype == np.int32 for b in epoch1)
-  again = list(data_lib.train_batches(seqs, B, seed=0, epoch=1))
-  assert all(np.array_equal(a, b) for a, b in zip(epoch1, again))
+  assert all(np.array_equal(a, b) for a, b in zip(epoch1, epoch(0, 1)))
+  order = data_lib.epoch_order(0, 1, len(seqs))
+  assert all(np.array_equal(b, seqs[order[i * B:(i + 1) * B]]) for i, b in enumerate(epoch1))
   firsts = np.concatenate([b[:, 0] // 4 for b in epoch1])
   assert len(set(firsts)) == 48  # each sequence at most once; the last partial batch dropped
   assert not np.array_equal(firsts, np.sort(firsts))  # shuffled
-  epoch2 = list(data_lib.train_batches(seqs, B, seed=0, epoch=2))
-  assert not np.array_equal(epoch1[0], epoch2[0])
-  other_seed = list(data_lib.train_batches(seqs, B, seed=1, epoch=1))
-  assert not np.array_equal(epoch1[0], other_seed[0])
-  # Resume: batch k of an epoch without replaying batches 0..k-1.
-  for k in (0, 5, 15):
-    resumed = list(data_lib.train_batches(seqs, B, seed=0, epoch=1, start=k))
-    assert len(resumed) == 16 - k and all(np.array_equal(a, b) for a, b in zip(epoch1[k:], resumed))
+  assert not np.array_equal(epoch1[0], epoch(0, 2)[0])
+  assert not np.array_equal(epoch1[0], epoch(1, 1)[0])
+  for k in (0, 5, 15):  # resume at batch k
+    assert all(np.array_equal(a, b) for a, b in zip(epoch1[k:], epoch(0, 1, start=k)))
 
 
 # ------------------------------------------------------------------------------------ real WikiText

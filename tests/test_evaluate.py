@@ -14,7 +14,7 @@ import pytest
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import model as model_lib
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 
 from conftest import load_config, subprocess_env
 
@@ -115,7 +115,7 @@ def run_evaluate(*args, cwd):
 
 def test_evaluate_command_measures_a_checkpoint_from_the_workdir_alone(tiny_config, tmp_path):
   tiny_config.training.epochs = 1
-  summary = train_lib.train_and_evaluate(tiny_config)
+  summary = run_lib.train_and_evaluate(tiny_config)
   corpus = data_lib.load(tiny_config)
   test_tokens = np.asarray(corpus.tokens["test"])
   words = corpus.meta["splits"]["test"]["words"]
@@ -150,7 +150,7 @@ def test_evaluate_command_errors_are_one_line(tiny_config, tmp_path):
       f"error: the work directory '{tmp_path / 'nowhere'}' does not exist (pass a run's config.workdir, "
       f"e.g. runs/experiment_1)"]
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   bad_stride = run_evaluate(f"--workdir={tiny_config.workdir}", "--stride=32", cwd=tmp_path)
   assert bad_stride.returncode == 1
   assert bad_stride.stderr.strip().splitlines()[-1] == "error: stride = 32 must be between 1 and the context - 1 = 31"

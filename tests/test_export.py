@@ -15,7 +15,7 @@ import safetensors.numpy
 from jaxlm import data as data_lib
 from jaxlm import export as export_lib
 from jaxlm import model as model_lib
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 
 from conftest import load_config, subprocess_env, write_corpus
@@ -49,7 +49,7 @@ def trained_run(tmp_path_factory):
     if (activation, tie) not in runs:
       config = make_config(str(tmp_path_factory.mktemp(f"{activation}-{'tied' if tie else 'untied'}")))
       config.model.activation, config.model.tie_embeddings = activation, tie
-      train_lib.train_and_evaluate(config)
+      run_lib.train_and_evaluate(config)
       runs[activation, tie] = config
     return runs[activation, tie]
 
@@ -140,7 +140,7 @@ def test_init_from_an_export_starts_from_exactly_its_parameters(run, tmp_path):
   # A rate of 0 all along: the steps run but change nothing, AdamW's decay included (optax.adamw scales
   # the decayed weights by the rate too), so `last` holds the parameters the run started from.
   config.training.learning_rate = config.training.min_learning_rate = 0.0
-  train_lib.train_and_evaluate(config)
+  run_lib.train_and_evaluate(config)
 
   started = workdir_lib.load(config.workdir, "last", device="cpu")
   assert started.meta["global_step"] > 0
@@ -169,25 +169,25 @@ def test_init_from_a_directory_that_is_not_gpt2_is_one_clear_error(tiny_config, 
   hf = tmp_path / "hf"
   tiny_config.model.init_from = str(hf)
   with pytest.raises(export_lib.ExportError, match=r"is not a directory"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   hf.mkdir()
   with pytest.raises(export_lib.ExportError, match=r"hf has no config.json: model.init_from needs a Hugging Face"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32, "vocab_size": 300}
   (hf / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
   with pytest.raises(export_lib.ExportError, match=r"not a GPT-2 config \(model_type 'llama'\)"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   (hf / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
   with pytest.raises(export_lib.ExportError, match=r"activation_function 'relu' is not supported"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   (hf / "config.json").write_text(json.dumps(config))
   with pytest.raises(export_lib.ExportError, match=r"hf has no tokenizer.json: save .* with save_pretrained"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   (hf / "tokenizer.json").write_text("{}")
   (hf / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(export_lib.ExportError, match=r"hf has no model.safetensors \(pytorch_model.bin is not "
                      r"supported\): re-save the model with save_pretrained\(dir, safe_serialization=True\)"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   assert not os.path.exists(tiny_config.workdir)
 
 
@@ -297,7 +297,7 @@ def test_a_transformers_gpt2_imports_with_the_same_logits(tiny_config, tmp_path,
   transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(hf)
 
   tiny_config.model.init_from = hf
-  config = train_lib._init_from(tiny_config)  # gpt2_overrides applied, as a run applies them
+  config = run_lib._init_from(tiny_config)  # gpt2_overrides applied, as a run applies them
   assert (config.model.d_model, config.model.num_heads, config.model.d_ff, config.model.max_seq_length,
           config.model.activation, config.model.tie_embeddings) == (32, 4, 128, 48, "gelu_tanh", tie)
   model = model_lib.build(config, vocab)

@@ -12,7 +12,7 @@ import pytest
 
 from jaxlm import generate as generate_lib
 from jaxlm import model as model_lib
-from jaxlm import train as train_lib
+from jaxlm import run as run_lib
 
 from conftest import load_config, subprocess_env
 
@@ -164,7 +164,7 @@ def run_generate(*args, cwd):
 
 def test_generate_command_works_from_the_workdir_alone(tiny_config, tmp_path):
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   shutil.rmtree(tiny_config.data.data_dir)  # neither the corpus nor its cache is needed any more
   shutil.rmtree(tiny_config.data.processed_dir)
   workdir = f"--workdir={tiny_config.workdir}"

@@ -42,6 +42,36 @@ def test_logits_shape_and_dtype():
   assert logits.shape == (3, 16, VOCAB) and logits.dtype == jnp.float32
   shorter = apply({"params": state.params}, random_tokens((2, 5)))  # fewer positions is fine
   assert shorter.shape == (2, 5, VOCAB)
+  bf16_model, _, _ = make_state(config, dtype=jnp.bfloat16)  # mixed precision: logits in the compute dtype
+  assert jax.jit(bf16_model.apply)({"params": state.params}, random_tokens((1, 4))).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_matches_optax_in_value_and_gradient(dtype):
+  """The hand-written loss and gradient are those of a float32 log-softmax of the same logits."""
+  logits = (3 * jax.random.normal(jax.random.PRNGKey(0), (3, 7, 50))).astype(dtype)
+  tokens = random_tokens((3, 7), vocab=50)
+  ours = lambda x: model_lib.next_token_losses(x, tokens)  # noqa: E731
+  reference = lambda x: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+      x[:, :-1].astype(jnp.float32), tokens[:, 1:])
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  assert ours(logits).dtype == jnp.float32
+  weights = jax.random.uniform(jax.random.PRNGKey(1), (3, 6))  # any cotangent, not just the mean's
+  grad = jax.grad(lambda x: jnp.sum(weights * ours(x)))(logits)
+  expected = jax.grad(lambda x: jnp.sum(weights * reference(x)))(logits)
+  assert grad.dtype == dtype
+  np.testing.assert_allclose(np.float32(grad), np.float32(expected), atol=1e-6 if dtype == jnp.float32 else 4e-3)
+  assert not np.any(np.float32(grad)[:, -1])  # the last position predicts nothing
+
+
+def test_dropout_rng_is_a_pure_function_of_key_and_step_and_drops_at_the_rate():
+  key = jax.random.PRNGKey(0)
+  masks = {s: jax.random.bernoulli(train_lib.dropout_rng(key, jnp.int32(s)), 0.9, (256, 1024)) for s in (0, 1)}
+  np.testing.assert_array_equal(masks[0], jax.random.bernoulli(train_lib.dropout_rng(key, jnp.int32(0)), 0.9,
+                                                               (256, 1024)))
+  assert not np.array_equal(masks[0], masks[1])
+  for mask in masks.values():
+    assert abs(float(mask.mean()) - 0.9) < 0.002  # 262,144 draws: 5 standard deviations
 
 
 def test_parameter_count_of_the_base_config():
@@ -208,7 +238,7 @@ def test_bfloat16_mixed_precision_runs_close_to_float32():
       state, metrics = step(state, random_tokens((4, 16), seed=i % 2))
       losses.append(float(metrics["loss"]))
     logits = jax.jit(model.apply)({"params": state.params}, tokens)
-    assert logits.dtype == jnp.float32
+    assert logits.dtype == dtype and metrics["loss"].dtype == jnp.float32  # the loss in float32 regardless
     results[dtype] = losses
   np.testing.assert_allclose(results[jnp.bfloat16], results[jnp.float32], atol=0.05)
 

@@ -17,6 +17,7 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
 from jaxlm import inspect as inspect_lib
 from jaxlm import model as model_lib
+from jaxlm import run as run_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
 
@@ -49,7 +50,7 @@ def read_metrics(workdir):
 
 
 def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
-  summary = train_lib.train_and_evaluate(tiny_config)
+  summary = run_lib.train_and_evaluate(tiny_config)
   workdir = tiny_config.workdir
   vocab = data_lib.load(tiny_config).vocab_size
 
@@ -58,7 +59,7 @@ def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
   assert df["epoch"].tolist() == [1, 2]
   steps_per_epoch = df["global_step"][0]
   assert df["global_step"].tolist() == [steps_per_epoch, 2 * steps_per_epoch]
-  assert (df["val_perplexity"] == np.exp(df["val_loss"])).all()
+  np.testing.assert_allclose(df["val_perplexity"], np.exp(df["val_loss"]), rtol=1e-12)  # math.exp vs np.exp: an ulp
   assert df["val_loss"][1] < df["val_loss"][0] < np.log(vocab)  # it learns
   assert (df["tokens_per_s"] > 0).all() and (df["val_bpb"] > 0).all()
 
@@ -101,7 +102,7 @@ def test_full_run_writes_metrics_events_and_checkpoints(tiny_config):
   assert f"{summary['num_params']:,} parameters" in report
 
   # Re-running a finished run resumes, finds nothing to do and tests again.
-  again = train_lib.train_and_evaluate(tiny_config)
+  again = run_lib.train_and_evaluate(tiny_config)
   assert again == summary
   assert len(read_metrics(workdir)) == 2
 
@@ -110,9 +111,9 @@ def test_saves_within_epochs_change_nothing_but_how_much_a_crash_loses(tiny_conf
   reference = tiny_config.copy_and_resolve_references()
   reference.workdir = str(tmp_path / "reference")
   reference.training.checkpoint_every_minutes = 0.0
-  summary = train_lib.train_and_evaluate(reference)
+  summary = run_lib.train_and_evaluate(reference)
   tiny_config.training.checkpoint_every_minutes = 0.0005  # 30 ms: several times per epoch
-  assert train_lib.train_and_evaluate(tiny_config) == summary
+  assert run_lib.train_and_evaluate(tiny_config) == summary
   saves = int(os.listdir(os.path.join(tiny_config.workdir, "checkpoints", "last"))[0])  # orbax numbers the saves
   assert saves > 2 * tiny_config.training.epochs
   assert os.listdir(os.path.join(reference.workdir, "checkpoints", "last")) == [str(tiny_config.training.epochs)]
@@ -126,7 +127,7 @@ def test_early_stopping_after_exactly_patience_epochs_and_best_only_on_improveme
   tiny_config.training.min_learning_rate = 0.0
   tiny_config.training.epochs = 6
   tiny_config.training.patience = 3
-  summary = train_lib.train_and_evaluate(tiny_config)
+  summary = run_lib.train_and_evaluate(tiny_config)
   df = read_metrics(tiny_config.workdir)
   assert df["epoch"].tolist() == [1, 2, 3, 4]  # 1 improvement (from nothing), then 3 without
   assert df["improved"].tolist() == [True, False, False, False]
@@ -138,7 +139,7 @@ def test_early_stopping_after_exactly_patience_epochs_and_best_only_on_improveme
   assert checkpoints.restore_meta("last")["bad_epochs"] == 3
   checkpoints.close()
   # A stopped run stays stopped when re-run.
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   assert len(read_metrics(tiny_config.workdir)) == 4
 
 
@@ -163,7 +164,7 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
   tiny_config.training.log_every_steps = 5
   reference = tiny_config.copy_and_resolve_references()
   reference.workdir = str(tmp_path / "uninterrupted")
-  train_lib.train_and_evaluate(reference)
+  run_lib.train_and_evaluate(reference)
   total = int(read_metrics(reference.workdir)["global_step"].iloc[-1])
 
   process = run_cli(cli_overrides(tiny_config), cwd=tmp_path)
@@ -236,34 +237,37 @@ def scalars(workdir) -> dict:
 
 
 def interrupt_after(monkeypatch, global_step):
-  """Sends this process SIGINT while the run makes step `global_step` (as Ctrl-C would)."""
-  real = data_lib.train_batches
+  """Sends this process SIGINT while the run makes step `global_step` (as Ctrl-C would): just before
+  the call of the train steps that runs it, so that the run stops when that call is done."""
+  real = train_lib.compile_train_steps
 
-  def batches(seqs, batch_size, seed, epoch, start=0):
-    steps_per_epoch = data_lib.steps_per_epoch(len(seqs), batch_size)
-    for i, batch in enumerate(real(seqs, batch_size, seed, epoch, start), start):
-      if (epoch - 1) * steps_per_epoch + i + 1 == global_step:
+  def compile_train_steps(s, state, seqs, order, num_steps):
+    program, seconds = real(s, state, seqs, order, num_steps)
+
+    def run(state, *args):
+      if int(state.step) < global_step <= int(state.step) + num_steps:
         signal.raise_signal(signal.SIGINT)
-      yield batch
+      return program(state, *args)
+    return run, seconds
 
-  monkeypatch.setattr(data_lib, "train_batches", batches)
+  monkeypatch.setattr(train_lib, "compile_train_steps", compile_train_steps)
 
 
 def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tmp_path, monkeypatch, capsys):
   tiny_config.training.epochs = 2
   reference = tiny_config.copy_and_resolve_references()
   reference.workdir = str(tmp_path / "uninterrupted")
-  reference_summary = train_lib.train_and_evaluate(reference)
+  reference_summary = run_lib.train_and_evaluate(reference)
   steps_per_epoch = int(read_metrics(reference.workdir)["global_step"][0])
   # Mid-epoch, an epoch's last step, the step after it, the run's last step.
   for at in (7, steps_per_epoch, steps_per_epoch + 1, 2 * steps_per_epoch):
     tiny_config.workdir = str(tmp_path / f"interrupted_at_{at}")
     interrupt_after(monkeypatch, at)
-    with pytest.raises(train_lib.Interrupted, match=f"SIGINT at step {at}"):
-      train_lib.train_and_evaluate(tiny_config)
+    with pytest.raises(run_lib.Interrupted, match=f"SIGINT at step {at}"):
+      run_lib.train_and_evaluate(tiny_config)
     monkeypatch.undo()
     assert checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False).step("last") == at
-    assert train_lib.train_and_evaluate(tiny_config) == reference_summary
+    assert run_lib.train_and_evaluate(tiny_config) == reference_summary
     vocab = data_lib.load(tiny_config).vocab_size
     for name in ("last", "best"):
       ours, ours_meta = restore(tiny_config.workdir, name, tiny_config, vocab)
@@ -279,21 +283,51 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
     assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
 
 
+def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_config, tmp_path, monkeypatch,
+                                                                        capsys):
+  """A lax.scan over k steps (the default on a GPU) makes the same updates as k calls of one step,
+  including the single steps up to a log line or the epoch's end, and a stop lands after its call."""
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "single_steps")
+  reference.training.steps_per_call = 1
+  reference_summary = run_lib.train_and_evaluate(reference)
+  tiny_config.training.steps_per_call = 3  # divides neither log_every_steps (5) nor the epoch (20 steps)
+  tiny_config.workdir = str(tmp_path / "three_per_call")
+  interrupt_after(monkeypatch, 7)  # calls: steps 1-3, then 4 and 5 singly, then 6-8
+  with pytest.raises(run_lib.Interrupted, match="SIGINT at step 8"):
+    run_lib.train_and_evaluate(tiny_config)
+  monkeypatch.undo()
+  assert "compiled the train step (3 step(s) per call)" in capsys.readouterr().out
+  summary = run_lib.train_and_evaluate(tiny_config)
+  assert "compiled the train step (1 step(s) per call)" in capsys.readouterr().out
+  assert summary == reference_summary
+  vocab = data_lib.load(tiny_config).vocab_size
+  ours, _ = restore(tiny_config.workdir, "last", tiny_config, vocab)
+  theirs, _ = restore(reference.workdir, "last", reference, vocab)
+  assert_same_tree((ours.params, ours.opt_state, ours.step), (theirs.params, theirs.opt_state, theirs.step))
+  a, b = read_metrics(tiny_config.workdir), read_metrics(reference.workdir)
+  columns = sorted(set(a.columns) - TIMING_KEYS)
+  pd.testing.assert_frame_equal(a[columns], b[columns])
+  ours, theirs = scalars(tiny_config.workdir)["train/loss"], scalars(reference.workdir)["train/loss"]
+  assert [s for s, _ in ours] == [s for s, _ in theirs]  # the interval a stop cut is the resumed run's mean
+  assert [p for p in ours if p[0] not in (10,)] == [p for p in theirs if p[0] not in (10,)]
+
+
 def test_crash_between_saving_best_and_last_resumes_correctly(tiny_config, tmp_path):
   """The process died after epoch 2's `best` was written but before its `last`: the resumed run
   redoes epoch 2 and ends as the uninterrupted run."""
   tiny_config.training.epochs = 2
   reference = tiny_config.copy_and_resolve_references()
   reference.workdir = str(tmp_path / "uninterrupted")
-  reference_summary = train_lib.train_and_evaluate(reference)
+  reference_summary = run_lib.train_and_evaluate(reference)
   tiny_config.training.num_steps = int(read_metrics(reference.workdir)["global_step"].iloc[-1])
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   best_dir = os.path.join(reference.workdir, "checkpoints", "best")
   (step,) = os.listdir(best_dir)
   shutil.copytree(os.path.join(best_dir, step), os.path.join(tiny_config.workdir, "checkpoints", "best", step))
   tiny_config.training.epochs = 2
-  assert train_lib.train_and_evaluate(tiny_config)["test_loss"] == reference_summary["test_loss"]
+  assert run_lib.train_and_evaluate(tiny_config)["test_loss"] == reference_summary["test_loss"]
   vocab = data_lib.load(tiny_config).vocab_size
   ours, _ = restore(tiny_config.workdir, "last", tiny_config, vocab)
   theirs, _ = restore(reference.workdir, "last", reference, vocab)
@@ -304,15 +338,15 @@ def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_pat
   tiny_config.training.epochs = 3
   reference = tiny_config.copy_and_resolve_references()
   reference.workdir = str(tmp_path / "uninterrupted")
-  train_lib.train_and_evaluate(reference)
+  run_lib.train_and_evaluate(reference)
   df_ref = read_metrics(reference.workdir)
   # The same run stopped after one epoch (the schedule pinned to the full run's length), then resumed.
   tiny_config.training.num_steps = int(df_ref["global_step"].iloc[-1])
   reference_summary = json.load(open(os.path.join(reference.workdir, "test_metrics.json")))
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   tiny_config.training.epochs = 3
-  summary = train_lib.train_and_evaluate(tiny_config)
+  summary = run_lib.train_and_evaluate(tiny_config)
   assert "resuming with changed settings: training.epochs 1 -> 3" in capsys.readouterr().out
   df = read_metrics(tiny_config.workdir)
   columns = sorted(set(df.columns) - TIMING_KEYS)
@@ -322,11 +356,11 @@ def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_pat
 
 def test_more_epochs_on_resume_warns_that_the_schedule_changes(tiny_config, capsys):
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   steps_per_epoch = int(read_metrics(tiny_config.workdir)["global_step"][0])
   tiny_config.training.epochs = 2
   capsys.readouterr()
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   assert (f"the learning-rate schedule now spans {2 * steps_per_epoch:,} steps instead of "
           f"{steps_per_epoch:,}") in capsys.readouterr().out
 
@@ -365,21 +399,21 @@ def test_a_train_split_smaller_than_one_batch_is_one_clear_error(tiny_config):
   tiny_config.training.batch_size = 512
   with pytest.raises(data_lib.DataError, match=r"the train split has [\d,]+ tokens: too few for one batch of 512 "
                                                r"sequences of data.seq_length = 32\. Use more data"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   assert not os.path.exists(os.path.join(tiny_config.workdir, "checkpoints"))
 
 
 def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_config):
   tiny_config.training.epochs = 1
   tiny_config.training.num_steps = 1000
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   before = read_metrics(tiny_config.workdir)
   tiny_config.training.epochs = 2
   tiny_config.training.learning_rate = 1e30  # diverges within a few steps
-  with pytest.raises(train_lib.TrainingError, match=r"the training diverged by step [\d,]+ \(epoch 2, loss .*, "
+  with pytest.raises(run_lib.TrainingError, match=r"the training diverged by step [\d,]+ \(epoch 2, loss .*, "
                                                     r"gradient norm .*Nothing after step 20 was saved; the "
                                                     r"checkpoints .* are intact"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False)
   assert checkpoints.restore_meta("last")["epoch"] == 1
   checkpoints.close()
@@ -388,7 +422,7 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny
 
 def test_damaged_checkpoint_is_one_clear_error(tiny_config):
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   last = os.path.join(tiny_config.workdir, "checkpoints", "last")
   step_dir = os.path.join(last, os.listdir(last)[0])
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
@@ -396,21 +430,21 @@ def test_damaged_checkpoint_is_one_clear_error(tiny_config):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"cannot be read .* Move it out of the way"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   assert os.path.isdir(step_dir)  # nothing deleted
 
 
 def test_incompatible_config_refuses_to_resume_and_fresh_keeps_the_old_run(tiny_config):
   tiny_config.training.epochs = 1
-  train_lib.train_and_evaluate(tiny_config)
+  run_lib.train_and_evaluate(tiny_config)
   tiny_config.model.d_model = 64
   with open(os.path.join(tiny_config.workdir, "config.json")) as f:
     written = f.read()
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"model.d_model 32 -> 64"):
-    train_lib.train_and_evaluate(tiny_config)
+    run_lib.train_and_evaluate(tiny_config)
   with open(os.path.join(tiny_config.workdir, "config.json")) as f:
     assert f.read() == written  # the refused config is not recorded as the run's
-  summary = train_lib.train_and_evaluate(tiny_config, fresh=True)
+  summary = run_lib.train_and_evaluate(tiny_config, fresh=True)
   parent = os.path.dirname(tiny_config.workdir)
   aside = [d for d in os.listdir(parent) if d.startswith("run.old-")]
   assert len(aside) == 1

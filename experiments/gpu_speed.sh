@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
+#   bash experiments/gpu_speed.sh loop|attention|gpt2|torch|train ...   (sections run in the order given)
+# Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
+# corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
+# One JSON line per measurement on stdout; the runs' metrics files go to $OUT.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+bench="python3 experiments/bench_step.py --config=configs/base.py --vocab_size=8192"
+gpu="--config.training.batch_size=32 --config.model.d_model=512 --config.model.num_layers=6 \
+     --config.model.num_heads=8 --config.model.d_ff=2048"
+gpt2="--config.training.batch_size=16 --config.data.seq_length=1024 --config.model.d_model=768 \
+      --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --vocab_size=32768"
+mkdir -p $OUT
+run() { echo "## $*" | tee -a $OUT/log.txt; timeout 300 "$@" > /tmp/run.log 2>&1
+        grep -E '^\{|^compiled|^epoch|^test|^model|^devices|Error|error' /tmp/run.log | tee -a $OUT/log.txt; }
+for section in "$@"; do
+  case $section in
+  loop)  # the bare step against the run's calls of k steps gathering on the device
+    run $bench --modes=step,calls --steps_per_call=1,10,20 --steps=800
+    run $bench $gpu --modes=step,calls --steps_per_call=1,4,16 --steps=320 --matmul --profile=/tmp/prof_gpu
+    run $bench $gpu --modes=calls --steps_per_call=16 --steps=320 --config.model.dropout=0.0 ;;
+  attention)  # XLA's against cuDNN's attention at 128-1024 tokens, 4,096 tokens per batch
+    for L in 128 256 512; do
+      for a in xla cudnn; do
+        run $bench $gpu --config.data.seq_length=$L --config.training.batch_size=$((4096 / L)) \
+          --config.model.attention=$a --steps=200
+      done
+    done ;;
+  final)  # the defaults, back to back with the baseline's torch.compile + bf16
+    run $bench $gpt2 --steps=20 --modes=step,calls --steps_per_call=1
+    run $bench $gpu --modes=step,calls --steps_per_call=16 --steps=320
+    run $bench --modes=calls --steps_per_call=10 --steps=800 ;;
+  gpt2)  # the GPT-2-small shape
+    run $bench $gpt2 --config.model.attention=xla --steps=20
+    run $bench $gpt2 --config.model.attention=cudnn --steps=20 --profile=/tmp/prof_gpt2
+    run $bench $gpt2 --config.model.attention=cudnn --config.model.dropout=0.0 --steps=20 ;;
+  torch)  # the PyTorch baseline, torch.compile + bf16
+    run python3 .gpu/torch_ref/train.py --bench-steps 100 --vocab-size 8192 --batch-size 32 --dim-model 512 \
+      --num-layers 6 --num-heads 8 --dim-ff 2048 --tf32 --compile --bf16
+    run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
+      --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
+  train)  # whole runs on the 2.38M-token train split: the GPU config (3 epochs), the base config, batch 2
+    common="--config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.sample.max_new_tokens=48"
+    run python3 -m jaxlm.main $common $gpu --config.workdir=/tmp/runs/gpu
+    run python3 -m jaxlm.main $common --config.training.epochs=2 --config.workdir=/tmp/runs/base
+    for r in gpu base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
+  esac
+done

@@ -1,0 +1,505 @@
+"""A training run: the epoch loop and its policy, over the pure core in `jaxlm.train`.
+
+`train_and_evaluate(config)` is the whole run behind `python -m jaxlm.main`: for each epoch
+train over every batch (saving `last` every `training.checkpoint_every_*` on the way), validate over
+the whole validation split, sample from a fixed prompt, log, checkpoint (`last` every epoch, `best`
+on improvement) and check early stopping; at the end evaluate `best` on the test split.
+Re-running in a work directory with a `last` checkpoint resumes the same run exactly.
+"""
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
+from jaxlm import data as data_lib
+from jaxlm import evaluate as evaluate_lib
+from jaxlm import generate as generate_lib
+from jaxlm import metrics as metrics_lib
+from jaxlm import train as train_lib
+from jaxlm import workdir as workdir_lib
+from jaxlm.cli import UserError
+
+
+class TrainingError(UserError):
+  """The run cannot go on (e.g. the loss diverged); the message says what to do."""
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM stopped the run; `last` holds where it stood (its save has completed)."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step:,}")
+    self.signum = signum
+
+
+@dataclasses.dataclass
+class LoopState:
+  """What the epoch loop carries besides the TrainState; saved as checkpoint metadata."""
+  epoch: int = 0  # epochs completed
+  best_val_loss: float | None = None
+  best_epoch: int | None = None
+  bad_epochs: int = 0  # consecutive epochs without a better validation loss
+  train_loss_sum: float = 0.0  # of the epoch in progress: non-zero only in a mid-epoch checkpoint
+  train_steps: int = 0
+
+  def improve(self, val_loss: float) -> bool:
+    """Records an epoch's validation loss; True when it is the best so far."""
+    if self.best_val_loss is None or val_loss < self.best_val_loss:
+      self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+      return True
+    self.bad_epochs += 1
+    return False
+
+
+# Settings a resumed run must share with its checkpoint: they shape the state or the data order.
+_MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
+               "model.max_seq_length", "model.tie_embeddings", "model.param_dtype", "training.batch_size",
+               "training.seed", "training.decay_all_params")
+
+
+def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:
+  old, new = config_lib.flatten(meta["config"]), config_lib.flatten(config)
+  clash = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in _MUST_MATCH if old.get(k) != new[k]]
+  if meta["data"] != data_name:
+    clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}")
+  if clash:
+    raise checkpoint_lib.CheckpointError(
+        f"the checkpoint in {where} belongs to a run with other settings ({'; '.join(clash)}). Resume "
+        f"with the same settings, or start over with --fresh (the old run is kept aside) or another "
+        f"--config.workdir.")
+  changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v and k != "workdir"]
+  if changed:
+    print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
+  if meta["num_steps"] != num_steps:
+    print(f"WARNING: the learning-rate schedule now spans {num_steps:,} steps instead of "
+          f"{meta['num_steps']:,}: the rate jumps to the new curve at step {int(meta['global_step']):,}. "
+          f"Keep it with --config.training.num_steps={meta['num_steps']}.", flush=True)
+
+
+def _move_aside(workdir: str) -> None:
+  """--fresh: the earlier run's directory is renamed, never deleted (under its lock: not in use)."""
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    aside = f"{os.path.normpath(workdir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    with workdir_lib.Lock(workdir):
+      os.rename(workdir, aside)
+    print(f"fresh start: the previous run in {workdir} is now in {aside}", flush=True)
+
+
+class _StopRequest:
+  """Turns the first SIGINT/SIGTERM into a request to stop after the current step (the run then
+  saves `last`); a second one quits at once, except that a checkpoint being written is finished
+  first (`saving`), so that no save is lost half-way."""
+
+  def __init__(self):
+    self.signum = None
+    self._saving = False
+    self._quit = None  # a second signal that came during a save
+
+  def __enter__(self):
+    self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in self._previous:
+      signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self.signum is None:
+      self.signum = signum
+      _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
+           f"(Ctrl-C again to quit at once)\n")
+    elif self._saving:
+      self._quit = signum
+      _say(f"\n{name}: quitting as soon as the checkpoint being written is complete\n")
+    else:
+      self._quit_now(signum)
+
+  @staticmethod
+  def _quit_now(signum: int):
+    """Ends the process with the signal's status (the command line says what was saved)."""
+    if signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    _say(f"\n{signal.Signals(signum).name} again: quitting now; what was already saved is intact\n")
+    raise SystemExit(128 + signum)
+
+  @contextlib.contextmanager
+  def saving(self):
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
+    if self._quit:
+      self._quit_now(self._quit)
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def _say(message: str) -> None:
+  """Writes from a signal handler: print() there can meet the main thread inside print() on the same
+  stream and fail ("reentrant call"); one write() to the file descriptor cannot."""
+  try:
+    os.write(sys.stdout.fileno(), message.encode())
+  except (AttributeError, OSError, ValueError):  # a stdout without a descriptor (e.g. under pytest)
+    print(message, end="", flush=True)
+
+
+class _SaveTimer:
+  """When `last` is due within an epoch: every `checkpoint_every_steps` steps or
+  `checkpoint_every_minutes` minutes since the last save, whichever comes first (0 turns one off)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, step: int):
+    self.every_steps = config.training.checkpoint_every_steps
+    self.every_s = 60 * config.training.checkpoint_every_minutes
+    self.saved(step)
+
+  def saved(self, step: int) -> None:
+    self.step, self.time = step, time.monotonic()
+
+  def due(self, step: int) -> bool:
+    return bool(self.every_steps and step - self.step >= self.every_steps or
+                self.every_s and time.monotonic() - self.time >= self.every_s)
+
+
+def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
+  """The train split as [n, seq_length] sequences; every split checked for enough tokens."""
+  L, B = config.data.seq_length, config.training.batch_size
+  for split, need, what in (("train", B * L, f"one batch of {B} sequences of data.seq_length = {L}"),
+                            ("validation", 2, "one token to predict"), ("test", 2, "one token to predict")):
+    if len(corpus.tokens[split]) < need:
+      raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for {what}. "
+                               f"Use more data, or a smaller --config.training.batch_size or "
+                               f"--config.data.seq_length.")
+  return data_lib.sequences(corpus.tokens["train"], L)
+
+
+def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of config with a GPT-2 checkpoint's shape and tokenizer when model.init_from names one."""
+  if not config.model.init_from:
+    return config
+  from jaxlm import export
+  config = config.copy_and_resolve_references()
+  changes = []
+  for key, value in export.gpt2_overrides(config.model.init_from).items():
+    group, name = key.rsplit(".", 1)
+    node = functools.reduce(getattr, group.split("."), config)
+    if node[name] != value:
+      changes.append(f"{key} = {value!r}")
+      node[name] = value
+  if changes:
+    print(f"model.init_from {config.model.init_from}: {'; '.join(changes)}", flush=True)
+  return config
+
+
+@dataclasses.dataclass
+class _Setup:
+  """Everything a run derives from its config before it touches the work directory."""
+  train: train_lib.Setup  # device, dtype, model, schedule, optimizer, fresh state
+  corpus: data_lib.Corpus
+  train_seqs: np.ndarray  # [n, seq_length]
+  steps_per_epoch: int
+  num_steps: int  # the schedule's length
+  steps_per_call: int
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.train.config
+
+  @property
+  def data_name(self) -> str:
+    return os.path.basename(self.corpus.path)
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.training.epochs * self.steps_per_epoch
+
+
+def _setup(config: ml_collections.ConfigDict) -> _Setup:
+  device = config_lib.select_device(config)  # a bad --config.device fails before the data is read
+  corpus = data_lib.load(config, verbose=True)
+  train_seqs = _split_sequences(config, corpus)
+  steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
+  num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
+  return _Setup(train_lib.setup(config, corpus.vocab_size, num_steps), corpus, train_seqs, steps_per_epoch,
+                num_steps, config_lib.steps_per_call(config, device))
+
+
+def _print_setup(s: _Setup) -> None:
+  t, L, ts = s.config.training, s.config.data.seq_length, s.train
+  print(f"devices: {jax.devices()}; training on {ts.device.device_kind} ({ts.device.platform}), compute dtype "
+        f"{jnp.dtype(ts.dtype).name}, {ts.model.attention} attention, {s.steps_per_call} step(s) per call",
+        flush=True)
+  print(f"config:\n{s.config}", flush=True)
+  print(f"model: {ts.num_params:,} parameters, {ts.flops_per_token / 1e6:.1f} MFLOP per token (train)")
+  print(f"data: {len(s.train_seqs):,} train sequences of {L} tokens -> {s.steps_per_epoch:,} steps per "
+        f"epoch of batch {t.batch_size}; {s.total_steps:,} steps in {t.epochs} epochs; schedule "
+        f"{s.num_steps:,} steps (warmup {t.warmup_steps:,})", flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
+  """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
+  summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
+  config_lib.validate(config)
+  config = _init_from(config)
+  config_lib.validate(config)
+  if fresh:
+    _move_aside(config.workdir)
+  made = workdir_lib.create(config.workdir)
+  with contextlib.ExitStack() as stack:
+    stack.callback(workdir_lib.remove_if_unused, config.workdir, made)
+    stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
+    setup = _setup(config)
+    _print_setup(setup)
+    run = _Run(setup, stack)
+    run.train()
+    return run.test()
+
+
+class _Run:
+  """One training run in its work directory: the epoch loop and its policy (logging, saving,
+  sampling, stopping), over the state and steps above."""
+
+  def __init__(self, setup: _Setup, stack: contextlib.ExitStack):
+    self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
+    self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
+    self.state, self.loop = self._resume()
+    # The config for people and tools (each checkpoint holds its own), the tokenizer for evaluate,
+    # generate and export.
+    self.tokenizer = setup.corpus.tokenizer()
+    self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
+    workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.CONFIG_FILE), self.config.to_dict())
+    workdir_lib.write_atomically(os.path.join(self.workdir, workdir_lib.TOKENIZER_FILE), self.tokenizer.save)
+    self.step = int(self.state.step)
+    self.jsonl = metrics_lib.JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"), keep_epochs_up_to=self.loop.epoch)
+    self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
+    stack.callback(self.tb.close)
+    t, ts = self.config.training, setup.train
+    self.progress = metrics_lib.Progress(setup.total_steps, t.batch_size * self.config.data.seq_length,
+                                         ts.flops_per_token, ts.peak_flops)
+    self.stop = stack.enter_context(_StopRequest())
+    stack.enter_context(jax.default_device(ts.device))
+    self.save_timer = _SaveTimer(self.config, self.step)
+    self.seqs = jax.device_put(setup.train_seqs, ts.device)  # the train split stays on the device
+    self.programs = {}  # steps per call -> the compiled train_steps
+    self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply)
+    self.interval = []  # metrics of the logging interval in progress
+    self.sampler, self.sample_prompt = self._make_sampler()
+
+  def _resume(self) -> tuple[train_lib.TrainState, LoopState]:
+    """(state, LoopState) from `last` when there is one, else the fresh ones."""
+    fresh = self.s.train.state
+    if not self.checkpoints.exists("last"):
+      if self.config.model.init_from:
+        from jaxlm import export
+        return fresh.replace(params=export.load_gpt2_params(self.config.model.init_from, fresh.params)), LoopState()
+      return fresh, LoopState()
+    meta = self.checkpoints.restore_meta("last")
+    _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
+    state, meta = self.checkpoints.restore("last", fresh)
+    loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState)})
+    print(f"resuming from {self.checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
+          f"{int(state.step):,}, best val loss {loop.best_val_loss}", flush=True)
+    return state, loop
+
+  def save(self, name: str, wait: bool = False, **extra) -> None:
+    meta = {**dataclasses.asdict(self.loop), "global_step": self.step, "num_steps": self.s.num_steps,
+            "config": self.config.to_dict(), "data": self.s.data_name, "vocab_size": self.s.corpus.vocab_size,
+            **extra}
+    self.checkpoints.save(name, self.state, meta, wait=wait)
+    if name == "last":
+      self.save_timer.saved(self.step)
+
+  def interrupt(self) -> None:
+    """Saves `last` where the run stands and stops."""
+    with self.stop.saving():
+      self.save("last")
+    self.stopped()
+
+  def stopped(self) -> None:
+    """Stops the run for the signal received, once the saves in flight have completed (a failed
+    one is reported instead)."""
+    with self.stop.saving():
+      self.checkpoints.wait()
+    raise Interrupted(self.stop.signum, self.step)
+
+  def train(self) -> None:
+    t = self.config.training
+    if self.loop.bad_epochs >= t.patience or self.loop.epoch >= t.epochs:
+      print(f"the run in {self.workdir} is already complete ({self.loop.epoch} epochs)", flush=True)
+    while self.loop.bad_epochs < t.patience and self.loop.epoch < t.epochs:
+      t_epoch = time.perf_counter()
+      steps_run, compile_s = self.train_epoch(self.loop.epoch + 1)
+      self.end_epoch(self.loop.epoch + 1, t_epoch, steps_run, time.perf_counter() - t_epoch - compile_s)
+      if self.stop.signum:  # arrived while sampling, logging or saving: `last` is this epoch's
+        self.stopped()
+      self.progress.reset(self.step)
+
+  def train_epoch(self, epoch: int) -> tuple[int, float]:
+    """Trains to the end of `epoch` from where the run stands; (steps run, compile seconds)."""
+    t, spe = self.config.training, self.s.steps_per_epoch
+    first, end = (epoch - 1) * spe, epoch * spe  # the epoch's steps; self.step > first when resuming
+    order = jax.device_put(data_lib.epoch_order(t.seed, epoch, len(self.s.train_seqs)).astype(np.int32))
+    steps_run, compile_s, pending = 0, 0.0, []
+    while self.step < end:
+      n = self._call_length(end)
+      program, compile_s = self._program(n, order, compile_s)
+      self.state, step_metrics = program(self.state, self.seqs, order, np.int32(self.step - first))
+      pending.append(step_metrics)
+      self.step, steps_run = self.step + n, steps_run + n
+      signum = self.stop.signum  # read once: a signal may land at any moment
+      save_due = self.step != end and (signum or self.save_timer.due(self.step))
+      if self.step % t.log_every_steps == 0 or self.step == end or save_due:
+        # One transfer per interval, [n] per call: the device runs ahead in between.
+        self.log_steps(epoch, [dict(zip(m, v)) for m in jax.device_get(pending) for v in zip(*m.values())])
+        pending = []
+      if save_due:  # at an epoch's end, validate and save as usual first
+        if signum:
+          self.interrupt()
+        self.save("last")
+    return steps_run, compile_s
+
+  def _call_length(self, end: int) -> int:
+    """Steps in the next call: steps_per_call, or single steps up to the next point where the host
+    must act (a log line, a save, the epoch's end) when a whole call would pass it."""
+    t, k = self.config.training, self.s.steps_per_call
+    stops = [end, (self.step // t.log_every_steps + 1) * t.log_every_steps]
+    if t.checkpoint_every_steps:
+      stops.append(self.save_timer.step + t.checkpoint_every_steps)
+    return k if self.step + k <= min(stops) else 1
+
+  def _program(self, num_steps: int, order, compile_s: float):
+    """The compiled train_steps of `num_steps` updates (compiled on first use, and then said so);
+    compile_s grows by the compile's seconds, kept out of the throughput figures."""
+    if num_steps not in self.programs:
+      self.programs[num_steps], seconds = train_lib.compile_train_steps(self.s.train, self.state, self.seqs, order,
+                                                                        num_steps)
+      print(f"compiled the train step ({num_steps} step(s) per call) in {seconds:.1f}s", flush=True)
+      compile_s += seconds
+      self.progress.reset(self.step)
+    return self.programs[num_steps], compile_s
+
+  def log_steps(self, epoch: int, host: list[dict]) -> None:
+    """Adds the last steps' metrics to the epoch's and to the logging interval's; at the interval's
+    (or the epoch's) end, logs the interval's means to TensorBoard and prints a progress line. A
+    stop's partial interval is logged by the resumed run."""
+    t, end = self.config.training, epoch * self.s.steps_per_epoch
+    self.checkpoints.check()  # a background save that failed stops the run here
+    losses = [float(m["loss"]) for m in host]
+    # A non-finite gradient makes the next parameters non-finite: caught here, before any save.
+    bad = next((m for m in host if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]))), None)
+    if bad is not None:
+      raise TrainingError(
+          f"the training diverged by step {self.step:,} (epoch {epoch}, loss {float(bad['loss'])}, gradient "
+          f"norm {float(bad['grad_norm'])}, learning rate {float(bad['learning_rate']):.2e}). Nothing after "
+          f"step {self.save_timer.step:,} was saved; the checkpoints in {self.workdir} are intact. Lower "
+          f"--config.training.learning_rate (now {t.learning_rate}) or check the data, then re-run to "
+          f"resume from `last`, or add --fresh to start over.")
+    self.loop.train_loss_sum += math.fsum(losses)
+    self.loop.train_steps += len(losses)
+    self.interval += host
+    if not (self.step % t.log_every_steps == 0 or self.step == end):
+      return
+    means = {k: float(np.mean([m[k] for m in self.interval])) for k in ("loss", "grad_norm")}
+    means["learning_rate"] = float(self.interval[-1]["learning_rate"])
+    self.interval = []
+    self.tb.scalars(self.step, {**means, **self.progress.rates(self.step)}, "train")
+    if self.step % t.log_every_steps == 0:
+      print(self.progress.line(epoch, t.epochs, self.step, means["loss"], means["learning_rate"],
+                               end - self.step), flush=True)
+
+  def end_epoch(self, epoch: int, t_epoch: float, steps_run: int, train_s: float) -> None:
+    """Validates, samples, logs and saves after `epoch`'s last step."""
+    t, L = self.config.training, self.config.data.seq_length
+    val = self.evaluate("validation")
+    if val is None:  # stopped during evaluation
+      self.interrupt()
+    if not math.isfinite(val["loss"]):
+      raise TrainingError(f"the validation loss is {val['loss']} after epoch {epoch}: training diverged. "
+                          f"Lower --config.training.learning_rate and re-run with --fresh.")
+    train_loss = self.loop.train_loss_sum / self.loop.train_steps
+    self.loop.epoch, self.loop.train_loss_sum, self.loop.train_steps = epoch, 0.0, 0
+    improved = self.loop.improve(val["loss"])
+    tokens_per_s = steps_run * t.batch_size * L / train_s if steps_run else None
+    record = {"epoch": epoch, "global_step": self.step, "train_loss": train_loss, "val_loss": val["loss"],
+              "val_perplexity": val["perplexity"], "val_bpb": val["bpb"],
+              "val_word_perplexity": val["word_perplexity"],
+              "learning_rate": float(self.s.train.schedule(self.step - 1)),  # of the epoch's last update
+              "epoch_time_s": time.perf_counter() - t_epoch, "tokens_per_s": tokens_per_s,
+              "mfu": metrics_lib.mfu(tokens_per_s, self.s.train.flops_per_token, self.s.train.peak_flops),
+              "best_val_loss": self.loop.best_val_loss, "improved": improved}
+    self.jsonl.write(record)
+    self.tb.scalars(self.step, {k: val[k] for k in evaluate_lib.METRICS}, "val")
+    self.sample(epoch)
+    # `best` first, complete before `last` starts: if the process dies between the two, `last` is
+    # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved.
+    with self.stop.saving():
+      if improved:
+        self.save("best", wait=True, val_loss=val["loss"])
+      self.save("last", val_loss=val["loss"])
+    verdict = (" | best, saved" if improved else
+               f" | no improvement ({self.loop.bad_epochs}/{t.patience} epochs of patience)")
+    print(f"epoch {epoch}/{t.epochs} | step {self.step:,} | train loss {train_loss:.4f} | val loss "
+          f"{val['loss']:.4f} | val ppl {val['perplexity']:.2f} | val bpb {val['bpb']:.4f} | "
+          f"{tokens_per_s or 0:,.0f} tok/s | {record['epoch_time_s']:.0f}s{verdict}", flush=True)
+    if self.loop.bad_epochs >= t.patience:
+      print(f"early stopping: no better validation loss for {t.patience} epochs", flush=True)
+
+  def evaluate(self, split: str, params=None) -> dict | None:
+    """Exact metrics of `split` (None if a stop was requested meanwhile)."""
+    corpus = self.s.corpus
+    return evaluate_lib.evaluate(self.eval_fn, self.state.params if params is None else params,
+                                 corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
+                                 self.config.data.seq_length, batch_size=self.config.training.eval_batch_size,
+                                 stop=lambda: self.stop.signum is not None)
+
+  def _make_sampler(self) -> tuple:
+    """(the jitted sampler, the prompt's ids) for samples while training; (None, None) when off."""
+    s = self.config.sample
+    if not s.max_new_tokens:
+      return None, None
+    prompt = generate_lib.encode_prompt(self.tokenizer, s.prompt, self.s.train.model.max_seq_length)
+    return generate_lib.make_sampler(self.s.train.model, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                     self.end_id), prompt
+
+  def sample(self, epoch: int) -> None:
+    """A sample from the fixed prompt, on the console and in TensorBoard (sample.* in the config)."""
+    if self.sampler is None or self.stop.signum:
+      return
+    tokens, lengths = self.sampler(self.state.params, *generate_lib.pad_prompts([self.sample_prompt]),
+                                   self.config.sample.seed)
+    (new,) = generate_lib.completions(tokens, lengths, [len(self.sample_prompt)], self.end_id)
+    text = self.tokenizer.decode(self.sample_prompt + new)
+    print(f"sample after epoch {epoch}: {text!r}", flush=True)
+    self.tb.text(self.step, "sample", text)
+
+  def test(self) -> dict:
+    """Evaluates `best` on the test split; the run's summary, also in test_metrics.json."""
+    best_state, _ = self.checkpoints.restore("best", self.state)
+    test = self.evaluate("test", best_state.params)
+    if test is None:
+      self.stopped()  # `last` is final: re-running the command tests again
+    # One step past the last: re-running a finished run (it tests again) hides the earlier points.
+    self.tb.scalars(self.step + 1, {k: test[k] for k in evaluate_lib.METRICS}, "test")
+    loop, t = self.loop, self.config.training
+    summary = {"epochs": loop.epoch, "global_step": self.step, "stopped_early": loop.bad_epochs >= t.patience,
+               "best_epoch": loop.best_epoch, "best_val_loss": loop.best_val_loss,
+               "num_params": self.s.train.num_params,
+               **{f"test_{k}": test[k] for k in evaluate_lib.METRICS},
+               "test_mode": test["mode"]}
+    workdir_lib.write_json(os.path.join(self.workdir, "test_metrics.json"), summary)
+    print(evaluate_lib.summary_line(f"test (best epoch {loop.best_epoch})", test), flush=True)
+    print("summary: " + json.dumps(summary), flush=True)
+    return summary
