@@ -26,7 +26,7 @@ from jaxlm import model as model_lib
 
 
 class TrainState(train_state.TrainState):
-  dropout_key: jax.Array  # raw threefry key; update s drops out with dropout_rng(dropout_key, s): replayable
+  dropout_key: jax.Array  # dropout of step s uses fold_in(dropout_key, s): any step can be replayed
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -114,17 +114,9 @@ def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) ->
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def dropout_rng(key: jax.Array, step: jax.Array) -> jax.Array:
-  """The key of update `step`'s dropout masks: a pure function of (key, step). An "rbg" key, so that
-  the masks come from XLA's RngBitGenerator (Philox) rather than threefry, whose bits for the masks
-  were 13% of the guide's GPU config's step on an H200."""
-  bits = jax.random.bits(jax.random.fold_in(key, step), (4,), jnp.uint32)
-  return jax.random.wrap_key_data(bits, impl="rbg")
-
-
 def train_step(state: TrainState, tokens_BL: jax.Array, learning_rate_fn: optax.Schedule):
   """One optimizer update on int32 [B, L] tokens -> (new state, metrics). Pure."""
-  dropout_key = dropout_rng(state.dropout_key, state.step)
+  dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, tokens_BL, deterministic=False, rngs={"dropout": dropout_key})

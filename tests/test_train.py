@@ -16,7 +16,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
 from jaxlm import inspect as inspect_lib
-from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
@@ -29,8 +28,7 @@ TIMING_KEYS = {"epoch_time_s", "tokens_per_s", "mfu"}
 
 
 def fresh_state(config, vocab_size):
-  model = model_lib.build(config, vocab_size)
-  return train_lib.create_train_state(config, model, train_lib.make_optimizer(config, lambda _: 0.0))
+  return train_lib.setup(config, vocab_size, num_steps=1000).state  # the target a checkpoint restores into
 
 
 def restore(workdir, name, config, vocab_size):
