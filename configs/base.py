@@ -77,7 +77,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 0
   training.checkpoint_every_minutes = 10.0
   # Optimizer steps per jitted call (a lax.scan over steps gathering their batches on the device).
-  # -1: 1 on a CPU, up to 16 on a GPU/TPU, where a small model's step is shorter than its dispatch.
+  # -1: up to 16 on a GPU/TPU for steps under 0.1 TFLOP (shorter than their dispatch), else 1.
   training.steps_per_call = -1
 
   # A sample from a fixed prompt at every validation, on the console and in TensorBoard (text), so

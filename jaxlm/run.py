@@ -70,7 +70,7 @@ _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.nu
 
 
 def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:
-  old, new = config_lib.flatten(meta["config"]), config_lib.flatten(config)
+  old, new = config_lib.flatten(config_lib.upgrade(meta["config"])), config_lib.flatten(config)
   clash = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in _MUST_MATCH if old.get(k) != new[k]]
   if meta["data"] != data_name:
     clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}")
@@ -233,8 +233,10 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
-  return _Setup(train_lib.setup(config, corpus.vocab_size, num_steps), corpus, train_seqs, steps_per_epoch,
-                num_steps, config_lib.steps_per_call(config, device))
+  train = train_lib.setup(config, corpus.vocab_size, num_steps)
+  flops_per_step = train.flops_per_token * config.training.batch_size * config.data.seq_length
+  return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
+                config_lib.steps_per_call(config, device, flops_per_step))
 
 
 def _print_setup(s: _Setup) -> None:

@@ -175,7 +175,7 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
   except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
     raise WorkdirError(f"{tokenizer_path} cannot be read ({str(e)[:200]}): was it edited? The run's data "
                        f"cache holds a copy (data/processed/<name>/tokenizer.json)") from None
-  config = ml_collections.ConfigDict(meta["config"])
+  config = ml_collections.ConfigDict(config_lib.upgrade(meta["config"]))
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:

@@ -1,6 +1,7 @@
 import sys
 from unittest import mock
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -179,17 +180,34 @@ def test_attention_auto_is_cudnn_on_a_gpu_in_bfloat16_from_256_tokens_on():
   assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "xla"
 
 
-def test_steps_per_call_auto_is_one_on_a_cpu_and_divides_the_log_interval_elsewhere():
+def test_steps_per_call_auto_is_one_on_a_cpu_or_for_big_steps_and_divides_the_log_interval_elsewhere():
   import jax
   c = load_config()
-  assert config_lib.steps_per_call(c, jax.devices("cpu")[0]) == 1
-  assert config_lib.steps_per_call(c, _Gpu()) == 10  # log_every_steps 100
+  small, big = 8.5e9, 5.9e11  # FLOPs per step: the base config at batch 2, the GPU config at batch 32
+  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], small) == 1
+  assert config_lib.steps_per_call(c, _Gpu(), small) == 10  # log_every_steps 100
+  assert config_lib.steps_per_call(c, _Gpu(), big) == 1
   c.training.log_every_steps = 64
-  assert config_lib.steps_per_call(c, _Gpu()) == 16
+  assert config_lib.steps_per_call(c, _Gpu(), small) == 16
   c.training.log_every_steps = 7
-  assert config_lib.steps_per_call(c, _Gpu()) == 7
+  assert config_lib.steps_per_call(c, _Gpu(), small) == 7
   c.training.steps_per_call = 5
-  assert config_lib.steps_per_call(c, jax.devices("cpu")[0]) == 5
+  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], big) == 5
   c.training.steps_per_call = 0
   with pytest.raises(config_lib.ConfigError, match="'training.steps_per_call' = 0 must be > 0, or -1"):
     config_lib.validate(c)
+
+
+def test_a_config_saved_before_keys_were_added_still_validates():
+  saved = load_config().to_dict()
+  for key in config_lib.ADDED_KEYS:
+    group, name = key.split(".")
+    del saved[group][name]
+  del saved["sample"]  # a whole group added later
+  with pytest.raises(config_lib.ConfigError, match="is missing"):
+    config_lib.validate(ml_collections.ConfigDict(saved))
+  upgraded = ml_collections.ConfigDict(config_lib.upgrade(saved))
+  config_lib.validate(upgraded)
+  assert upgraded.training.steps_per_call == -1 and upgraded.model.activation == "gelu"
+  assert upgraded.model.d_model == saved["model"]["d_model"]  # what was saved is kept
+  assert "sample" not in saved  # the saved dict itself is left as it was
