@@ -48,6 +48,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # more (where it is faster), XLA's otherwise | xla | cudnn
   model.attention = "auto"
   model.activation = "gelu"  # gelu (exact, as the guide) | gelu_tanh (GPT-2's approximation)
+  # Trace and compile one block, scanned over the layers' stacked parameters, instead of each layer
+  # in turn: compile time no longer grows with depth. The parameters are then stored stacked.
+  model.scan_layers = False
   # Start from a Hugging Face GPT-2 checkpoint (a directory with config.json, model.safetensors and
   # tokenizer.json) instead of random weights: its shape and tokenizer replace the ones above.
   model.init_from = ""

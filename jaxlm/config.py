@@ -61,6 +61,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "model.param_dtype": (str, _one_of("float32", "bfloat16")),
     "model.attention": (str, _one_of("auto", "xla", "cudnn")),
     "model.activation": (str, _one_of("gelu", "gelu_tanh")),
+    "model.scan_layers": (bool, _ANY),
     "model.init_from": (str, _ANY),
     "training.epochs": (int, _positive),
     "training.batch_size": (int, _positive),
@@ -93,7 +94,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 # Keys added since the first version that wrote checkpoints, at the values that version behaved
 # with: a checkpoint saved without them still loads and resumes (see `upgrade`).
 ADDED_KEYS = {
-    "model.activation": "gelu", "model.init_from": "",
+    "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False,
     "training.checkpoint_every_steps": 0, "training.checkpoint_every_minutes": 10.0,
     "training.steps_per_call": -1,
     "sample.prompt": " The", "sample.max_new_tokens": 48, "sample.temperature": 0.8, "sample.top_k": 200,

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm import model as model_lib
 from jaxlm.data import END_OF_TEXT
 from jaxlm.cli import UserError, naming
 
@@ -112,7 +113,7 @@ def export(workdir: str, out: str, checkpoint: str = "best") -> None:
   trained = workdir_lib.load(workdir, checkpoint, device="cpu")
   m = trained.config.model
   names = _hf_names(m.num_layers, m.tie_embeddings)
-  leaves = _leaves(trained.params)
+  leaves = _leaves(model_lib.unstack_layers(trained.params))
   if set(leaves) != set(names):  # the model changed and _hf_names did not follow
     raise AssertionError(f"unmapped parameters {sorted(set(leaves) ^ set(names))}")
   tensors = {}
@@ -220,6 +221,8 @@ def load_gpt2_params(hf_dir: str, like):
   # Hub checkpoints vary: GPT2Model's state dict has no "transformer." prefix, GPT2LMHeadModel's has.
   tensors = {name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": t
              for name, t in raw.items()}
+  scanned = "blocks" in like
+  like = model_lib.unstack_layers(like)
   leaves = _leaves(like)
   num_layers = sum(1 for p in leaves if p[0].startswith("block_") and p[1:] == ("ln1", "scale"))
   names = _hf_names(num_layers, tie_embeddings="head" not in {p[0] for p in leaves})
@@ -245,7 +248,7 @@ def load_gpt2_params(hf_dir: str, like):
   if unused:
     raise ExportError(f"{path} holds tensors the configured model has no place for ({', '.join(unused[:3])}"
                       f"{', ...' if len(unused) > 3 else ''}): does config.json match the weights?")
-  return params
+  return model_lib.stack_layers(params) if scanned else params
 
 
 # ----------------------------------------------------------------------------------------------- CLI

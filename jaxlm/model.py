@@ -35,10 +35,13 @@ class Block(nn.Module):
   param_dtype: jnp.dtype
   attention: str  # jax.nn.dot_product_attention's implementation: xla or cudnn
   approximate_gelu: bool  # tanh approximation (GPT-2's "gelu_new") instead of the exact erf
+  deterministic: bool  # no dropout
+  scanned: bool = False  # the body of nn.scan over layers: returns (x, None)
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, deterministic: bool, positions_BL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None):
     """positions_BL: decode mode, the position of each new token (see the module's docstring)."""
+    deterministic = self.deterministic
     dense = lambda features, std, name: nn.Dense(  # noqa: E731
         features, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)
@@ -60,7 +63,8 @@ class Block(nn.Module):
 
     h_BLF = nn.gelu(dense(self.d_ff, self.init_std, "fc1")(norm("ln2")(x_BLD)), approximate=self.approximate_gelu)
     y = dense(D, self.residual_std, "fc2")(h_BLF)
-    return x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    x_BLD = x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    return (x_BLD, None) if self.scanned else x_BLD
 
   def _cached_attention(self, q_BTHK, k_BTHK, v_BTHK, positions_BT):
     """Writes the new keys and values into the cache at their positions, then attends from each
@@ -98,6 +102,7 @@ class Transformer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
   approximate_gelu: bool = False
+  scan_layers: bool = False  # one Block traced and compiled, scanned over stacked [num_layers, ...] params
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, deterministic: bool = True, decode: bool = False) -> jax.Array:
@@ -122,10 +127,15 @@ class Transformer(nn.Module):
     x_BLD = nn.Dropout(self.dropout)(x_BLD, deterministic=deterministic)
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)
-    for i in range(self.num_layers):
-      x_BLD = Block(self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std,
-                    self.layer_norm_eps, self.dtype, self.param_dtype, self.attention,
-                    self.approximate_gelu, name=f"block_{i}")(x_BLD, deterministic, positions_BL)
+    block = (self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std, self.layer_norm_eps,
+             self.dtype, self.param_dtype, self.attention, self.approximate_gelu, deterministic)
+    if self.scan_layers:  # params (and a decode cache) stacked on a leading layer axis, under "blocks"
+      blocks = nn.scan(Block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=nn.broadcast, length=self.num_layers)
+      x_BLD, _ = blocks(*block, scanned=True, name="blocks")(x_BLD, positions_BL)
+    else:
+      for i in range(self.num_layers):
+        x_BLD = Block(*block, name=f"block_{i}")(x_BLD, positions_BL)
     x_BLD = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="ln_f")(x_BLD)
     if self.tie_embeddings:
@@ -145,7 +155,7 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32,
       num_layers=m.num_layers, num_heads=m.num_heads, d_ff=m.d_ff, dropout=m.dropout,
       tie_embeddings=m.tie_embeddings, init_std=m.init_std, scaled_residual_init=m.scaled_residual_init,
       layer_norm_eps=m.layer_norm_eps, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype),
-      attention=attention, approximate_gelu=m.activation == "gelu_tanh")
+      attention=attention, approximate_gelu=m.activation == "gelu_tanh", scan_layers=m.scan_layers)
 
 
 def init_cache(model: Transformer, batch_size: int, length: int):
@@ -185,6 +195,22 @@ def _cross_entropy_bwd(residuals, g_N):
 
 
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def unstack_layers(params) -> dict:
+  """Params of a `scan_layers` model in the layout of an unrolled one (block_0, block_1, ...)."""
+  if "blocks" not in params:
+    return params
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  num_layers = jax.tree_util.tree_leaves(params["blocks"])[0].shape[0]
+  return {**rest, **{f"block_{i}": jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(num_layers)}}
+
+
+def stack_layers(params) -> dict:
+  """The inverse of unstack_layers: block_0, block_1, ... as one "blocks" tree of [num_layers, ...] arrays."""
+  names = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+  rest = {k: v for k, v in params.items() if k not in names}
+  return {**rest, "blocks": jax.tree.map(lambda *layers: jnp.stack(layers), *(params[k] for k in names))}
 
 
 def count_params(params) -> int:

@@ -65,8 +65,8 @@ class LoopState:
 
 # Settings a resumed run must share with its checkpoint: they shape the state or the data order.
 _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
-               "model.max_seq_length", "model.tie_embeddings", "model.param_dtype", "training.batch_size",
-               "training.seed", "training.decay_all_params")
+               "model.max_seq_length", "model.tie_embeddings", "model.param_dtype", "model.scan_layers",
+               "training.batch_size", "training.seed", "training.decay_all_params")
 
 
 def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:

@@ -22,8 +22,9 @@ from conftest import load_config, subprocess_env, write_corpus
 
 HF_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 MODEL_KEYS = ["d_model", "num_layers", "num_heads", "d_ff", "layer_norm_eps", "activation", "tie_embeddings"]
-# (activation, tie_embeddings) of the trained runs: together they cover both activations and both heads.
-RUNS = [("gelu", True), ("gelu_tanh", False)]
+# (activation, tie_embeddings, scan_layers) of the trained runs: together they cover both activations,
+# both heads and both layouts of the layers' parameters.
+RUNS = [("gelu", True, False), ("gelu_tanh", False, True)]
 
 
 def make_config(directory):
@@ -45,18 +46,18 @@ def trained_run(tmp_path_factory):
   """fn(activation, tie_embeddings) -> the config of a tiny trained run, trained once per module."""
   runs = {}
 
-  def get(activation: str, tie: bool):
-    if (activation, tie) not in runs:
+  def get(activation: str, tie: bool, scan: bool):
+    if (activation, tie, scan) not in runs:
       config = make_config(str(tmp_path_factory.mktemp(f"{activation}-{'tied' if tie else 'untied'}")))
-      config.model.activation, config.model.tie_embeddings = activation, tie
+      config.model.activation, config.model.tie_embeddings, config.model.scan_layers = activation, tie, scan
       run_lib.train_and_evaluate(config)
-      runs[activation, tie] = config
-    return runs[activation, tie]
+      runs[activation, tie, scan] = config
+    return runs[activation, tie, scan]
 
   return get
 
 
-@pytest.fixture(params=RUNS, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in RUNS])
+@pytest.fixture(params=RUNS, ids=[f"{a}-{'tied' if t else 'untied'}{'-scan' if s else ''}" for a, t, s in RUNS])
 def run(request, trained_run):
   return trained_run(*request.param)
 
@@ -192,7 +193,7 @@ def test_init_from_a_directory_that_is_not_gpt2_is_one_clear_error(tiny_config, 
 
 
 def test_weights_that_do_not_fit_the_model_are_one_clear_error(trained_run, tmp_path):
-  run = trained_run("gelu", True)
+  run = trained_run(*RUNS[0])
   out = tmp_path / "hf"
   export_lib.export(run.workdir, str(out))
   params = workdir_lib.load(run.workdir, "best", device="cpu").params
@@ -226,7 +227,7 @@ def test_weights_that_do_not_fit_the_model_are_one_clear_error(trained_run, tmp_
 
 
 def test_cli_exports_and_reports_errors_in_one_line(trained_run, tmp_path):
-  run = trained_run("gelu", True)
+  run = trained_run(*RUNS[0])
   out = tmp_path / "hf"
   done = subprocess.run([sys.executable, "-m", "jaxlm.export", f"--workdir={run.workdir}", f"--out={out}",
                          "--checkpoint=last"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)

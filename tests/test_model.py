@@ -48,6 +48,23 @@ def test_logits_shape_and_dtype():
   assert jax.jit(bf16_model.apply)({"params": state.params}, random_tokens((1, 4))).dtype == jnp.bfloat16
 
 
+def test_scan_layers_computes_the_unrolled_model_with_stacked_parameters():
+  config = small_config(num_layers=3, dropout=0.0)
+  model, _, state = make_state(config)
+  config.model.scan_layers = True
+  scanned, _, scanned_state = make_state(config)
+  qkv = scanned_state.params["blocks"]["qkv"]["kernel"]
+  assert qkv.shape == (3, 32, 96) and not np.array_equal(qkv[0], qkv[1])  # each layer its own init
+  assert model_lib.count_params(scanned_state.params) == model_lib.count_params(state.params)
+  stacked = model_lib.stack_layers(state.params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(scanned_state.params)
+  assert_same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+  assert_same(model_lib.unstack_layers(stacked), state.params)
+  tokens = random_tokens((2, 16))
+  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, tokens),
+                             jax.jit(model.apply)({"params": state.params}, tokens), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cross_entropy_matches_optax_in_value_and_gradient(dtype):
   """The hand-written loss and gradient are those of a float32 log-softmax of the same logits."""
