@@ -61,7 +61,7 @@ def run(main: Callable[[list[str]], None], config_flag: str | None = None, nargs
 def _parse(argv: list[str], config_flag: str | None) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
-    if config_flag:
+    if config_flag and flags.FLAGS[config_flag].value is not None:  # None: an optional config, not given
       flags.FLAGS[config_flag].value.keys()  # a config file that failed to load raises here
     return rest
   except SystemExit:  # --help

@@ -3,6 +3,7 @@
 The values live in `configs/base.py`; this module says what each key may hold, checks a config once,
 before any work, and turns the `auto` settings into concrete choices.
 """
+import importlib.util
 from typing import Any, Callable
 
 import jax
@@ -109,6 +110,15 @@ def upgrade(saved: dict) -> dict:
     group, name = key.split(".")
     saved.setdefault(group, {}).setdefault(name, value)
   return saved
+
+
+def from_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
+  """get_config(variant) of a config file (as --config=path:variant loads it), for config files
+  that start from another one, e.g. configs/gpu.py from configs/base.py."""
+  spec = importlib.util.spec_from_file_location(f"jaxlm_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def flatten(config, prefix: str = "") -> dict[str, Any]:

@@ -211,3 +211,17 @@ def test_a_config_saved_before_keys_were_added_still_validates():
   assert upgraded.training.steps_per_call == -1 and upgraded.model.activation == "gelu"
   assert upgraded.model.d_model == saved["model"]["d_model"]  # what was saved is kept
   assert "sample" not in saved  # the saved dict itself is left as it was
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("lr_5e-4.py", {"training.learning_rate": 5e-4}),
+    ("more_capacity.py", {"model.d_model": 512, "model.num_layers": 6}),
+    ("gpu.py", {"training.batch_size": 32, "model.d_model": 512, "model.num_layers": 6, "model.num_heads": 8,
+                "model.d_ff": 2048}),
+])
+def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, changes):
+  import os
+  config = config_lib.from_file(os.path.join(os.path.dirname(BASE_CONFIG), name))
+  config_lib.validate(config)
+  ours, base = config_lib.flatten(config), config_lib.flatten(load_config())
+  assert {k: v for k, v in ours.items() if v != base[k] and k != "workdir"} == changes

@@ -1,0 +1,270 @@
+"""Hyperparameter sweeps: every point of a grid trained as its own resumable run, then one table.
+
+    python -m jaxlm.sweep --config=configs/base.py --sweep=training.learning_rate=1e-4,3e-4,5e-4 \\
+        --sweep=model.num_layers=4,6 [--workdir=runs/sweep] [--config.<key>=VALUE ...]
+    python -m jaxlm.sweep --workdir=runs/sweep --report      # the table and plots again
+
+Each point runs in `<workdir>/<its overrides>` (e.g. `learning_rate=0.0003,num_layers=4`), one after
+another in this process, exactly as `python -m jaxlm.main` would run it: a finished point is skipped,
+an interrupted one resumes. At the end (and with --report) the sweep writes `results.md` and
+`results.csv` (one row per point) and, with matplotlib installed (`pip install -e ".[plots]"`),
+`val_loss.png` (per epoch) and `train_loss.png` (per logged step, from the TensorBoard events).
+"""
+import csv
+import functools
+import itertools
+import json
+import math
+import os
+
+import ml_collections
+
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
+from jaxlm import workdir as workdir_lib
+from jaxlm.cli import UsageError, UserError
+
+_CASTS = {int: int, float: float, str: str, bool: lambda v: {"true": True, "false": False}[v.lower()]}
+
+# The table's columns after the overrides, and where each comes from.
+COLUMNS = ("status", "params", "epochs", "stopped_early", "best_epoch", "best_val_loss", "best_val_perplexity",
+           "best_val_bpb", "test_perplexity", "test_bpb", "test_word_perplexity", "tokens_per_s", "wall_time_s",
+           "device")
+
+
+def parse_sweeps(specs: list[str]) -> dict[str, list]:
+  """{key: values} from --sweep=KEY=V1,V2,...; a bad one is a UsageError naming it."""
+  sweeps = {}
+  for spec in specs:
+    key, sep, values = spec.partition("=")
+    if not sep:
+      raise UsageError(f"--sweep={spec}: write KEY=VALUE1,VALUE2,... (e.g. training.learning_rate=1e-4,3e-4)")
+    if key not in config_lib.SCHEMA or key == "workdir":
+      raise UsageError(f"--sweep={spec}: '{key}' is not a config key that a sweep can vary (see configs/base.py)")
+    if key in sweeps:
+      raise UsageError(f"--sweep: '{key}' is given twice; list all its values in one --sweep")
+    kind = config_lib.SCHEMA[key][0]
+    items = [v.strip() for v in values.split(",")] if values.strip() else []
+    if not items or any(not v for v in items):
+      raise UsageError(f"--sweep={spec}: give at least one value, separated by commas without empty ones")
+    try:
+      sweeps[key] = [_CASTS[kind](v) for v in items]
+    except (ValueError, KeyError):
+      raise UsageError(f"--sweep={spec}: '{key}' takes values of type {kind.__name__}") from None
+    if len(set(sweeps[key])) != len(sweeps[key]):
+      raise UsageError(f"--sweep={spec}: a value is listed twice")
+  if not sweeps:
+    raise UsageError("give at least one --sweep=KEY=VALUE1,VALUE2,... (or --report for an earlier sweep)")
+  return sweeps
+
+
+def point_name(overrides: dict) -> str:
+  """The directory of a grid point: its overrides, by the keys' last part (the full key where two
+  keys end alike), e.g. learning_rate=0.0003,num_layers=4."""
+  short = [k.rsplit(".", 1)[-1] for k in overrides]
+  names = [s if short.count(s) == 1 else k for s, k in zip(short, overrides)]
+  return ",".join(f"{n}={v}" for n, v in zip(names, overrides.values())).replace("/", "_")
+
+
+def grid(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdir: str) -> list[ml_collections.ConfigDict]:
+  """One validated config per grid point, in `workdir`/<point name>; any invalid point fails first."""
+  points = []
+  for values in itertools.product(*sweeps.values()):
+    overrides = dict(zip(sweeps, values))
+    point = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+      group, name = key.rsplit(".", 1) if "." in key else ("", key)
+      node = point
+      for part in filter(None, group.split(".")):
+        node = node[part]
+      node[name] = value
+    point.workdir = os.path.join(workdir, point_name(overrides))
+    try:
+      config_lib.validate(point)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"the grid point {point_name(overrides)}: {e}") from None
+    points.append(point)
+  return points
+
+
+FAILED_FILE = "sweep_failed.txt"  # in a point's run directory: why its training stopped
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def is_finished(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, "test_metrics.json"))
+
+
+def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdir: str) -> list[dict]:
+  """Trains every point not yet finished, one after another; returns the table's rows. A point whose
+  training fails (e.g. diverges at a high learning rate) is reported as failed, and the sweep goes
+  on; running the sweep again tries it again."""
+  points = grid(config, sweeps, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.write_json(os.path.join(workdir, "sweep.json"), {"sweep": sweeps, "config": config.to_dict()})
+  for i, point in enumerate(points, 1):
+    name, failed = os.path.basename(point.workdir), os.path.join(point.workdir, FAILED_FILE)
+    if is_finished(point.workdir):
+      print(f"sweep: point {i}/{len(points)} {name} is finished; skipped", flush=True)
+      continue
+    print(f"sweep: point {i}/{len(points)} {name}", flush=True)
+    try:
+      run_lib.train_and_evaluate(point)
+    except run_lib.TrainingError as e:
+      print(f"sweep: point {name} failed: {e}", flush=True)
+      workdir_lib.write_atomically(failed, functools.partial(_write_text, text=str(e)))
+    else:
+      if os.path.exists(failed):
+        os.remove(failed)
+  return report(workdir)
+
+
+def _row(point_dir: str, keys: list[str]) -> dict:
+  """The table's row of one point's run directory (a point not finished has its epochs so far)."""
+  with open(os.path.join(point_dir, workdir_lib.CONFIG_FILE)) as f:
+    flat = config_lib.flatten(json.load(f))
+  row = {"point": os.path.basename(point_dir), **{k: flat.get(k) for k in keys}}
+  epochs = []
+  if os.path.exists(path := os.path.join(point_dir, "metrics.jsonl")):
+    with open(path) as f:
+      epochs = [json.loads(line) for line in f if line.strip()]
+  test = {}
+  if is_finished(point_dir):
+    with open(os.path.join(point_dir, "test_metrics.json")) as f:
+      test = json.load(f)
+  best = min(epochs, key=lambda e: e["val_loss"]) if epochs else {}
+  rates = [e["tokens_per_s"] for e in epochs[1:] or epochs if e.get("tokens_per_s")]  # first epoch compiles
+  status = ("finished" if test else "failed" if os.path.exists(os.path.join(point_dir, FAILED_FILE)) else
+            "incomplete")
+  row.update(status=status, params=test.get("num_params"), epochs=len(epochs), stopped_early=test.get("stopped_early"),
+             best_epoch=best.get("epoch"), best_val_loss=best.get("val_loss"),
+             best_val_perplexity=best.get("val_perplexity"), best_val_bpb=best.get("val_bpb"),
+             test_perplexity=test.get("test_perplexity"), test_bpb=test.get("test_bpb"),
+             test_word_perplexity=test.get("test_word_perplexity"),
+             tokens_per_s=sorted(rates)[len(rates) // 2] if rates else None,
+             wall_time_s=sum(e["epoch_time_s"] for e in epochs) if epochs else None, device=test.get("device"))
+  return row
+
+
+def report(workdir: str) -> list[dict]:
+  """Writes results.md, results.csv and (with matplotlib) the learning-curve plots of the sweep in
+  `workdir`; returns the rows."""
+  path = os.path.join(workdir, "sweep.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} holds no sweep (no sweep.json): pass the --workdir of a `jaxlm.sweep` run")
+  with open(path) as f:
+    sweeps = json.load(f)["sweep"]
+  keys = list(sweeps)
+  order = [point_name(dict(zip(keys, values))) for values in itertools.product(*sweeps.values())]
+  runs = {d.name: d.path for d in os.scandir(workdir)
+          if d.is_dir() and os.path.exists(os.path.join(d.path, workdir_lib.CONFIG_FILE))}
+  # The grid's order, then any run directories of earlier sweeps in the same folder.
+  dirs = [runs[n] for n in order if n in runs] + sorted(p for n, p in runs.items() if n not in order)
+  rows = [_row(d, keys) for d in dirs]
+  columns = ["point", *keys, *COLUMNS]
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] +
+                    ["| " + " | ".join(_cell(r[c]) if c in COLUMNS else str(r[c]) for c in columns) + " |"
+                     for r in rows])
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  print(table, flush=True)
+  plots = _plot(workdir, dirs)
+  print(f"sweep: {len(rows)} point(s); {os.path.join(workdir, 'results.md')}, results.csv"
+        + (f", {', '.join(plots)}" if plots else " (plots: pip install -e \".[plots]\")"), flush=True)
+  return rows
+
+
+def _cell(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return f"{value:,}"
+  if isinstance(value, float):
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}" if math.isfinite(value) else str(value)
+  return str(value)
+
+
+def _plot(workdir: str, dirs: list[str]) -> list[str]:
+  """val_loss.png and train_loss.png, one line per point; [] without matplotlib."""
+  try:
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  except ImportError:
+    return []
+  written = []
+  for name, ylabel, xlabel, series in (
+      ("val_loss.png", "validation loss", "epoch", _val_curves),
+      ("train_loss.png", "train loss (logging interval mean)", "step", lambda d: _train_curve(d, EventAccumulator))):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for d in dirs:
+      xs, ys = series(d)
+      if xs:
+        ax.plot(xs, ys, marker="o" if name == "val_loss.png" else None, label=os.path.basename(d))
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, name), dpi=120)
+    plt.close(fig)
+    written.append(name)
+  return written
+
+
+def _val_curves(point_dir: str) -> tuple[list, list]:
+  path = os.path.join(point_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return [], []
+  with open(path) as f:
+    epochs = [json.loads(line) for line in f if line.strip()]
+  return [e["epoch"] for e in epochs], [e["val_loss"] for e in epochs]
+
+
+def _train_curve(point_dir: str, accumulator) -> tuple[list, list]:
+  events = accumulator(os.path.join(point_dir, "tensorboard"))
+  events.Reload()
+  if "train/loss" not in events.Tags()["scalars"]:
+    return [], []
+  points = events.Scalars("train/loss")
+  return [p.step for p in points], [p.value for p in points]
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+if __name__ == "__main__":
+  from absl import flags
+  from ml_collections import config_flags
+
+  from jaxlm import cli
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "The config every point starts from, e.g. "
+                                            "configs/base.py; --config.<key>=VALUE applies to all points.")
+  _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=VALUE1,VALUE2,...: a config key and its values; "
+                                     "several --sweep flags make a grid.")
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Where the points' run directories and the results go.")
+  _REPORT = flags.DEFINE_bool("report", False, "Only write the table and plots of the sweep in --workdir.")
+
+  def _main(argv):
+    del argv
+    if _REPORT.value:
+      report(_WORKDIR.value)
+      return
+    if _CONFIG.value is None:
+      raise UsageError("--config is required to run a sweep (e.g. --config=configs/base.py)")
+    try:
+      run_sweep(_CONFIG.value, parse_sweeps(_SWEEP.value), _WORKDIR.value)
+    except run_lib.Interrupted as e:
+      print(f"{e}; re-run the same command to resume the sweep from there.", flush=True)
+      raise SystemExit(128 + e.signum) from None
+
+  cli.run(_main, config_flag="config")

@@ -1,0 +1,116 @@
+"""jaxlm.sweep (issue: the guide's tuning runs): the grid, resumable points, the results table and plots."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm import sweep as sweep_lib
+from jaxlm.cli import UsageError
+
+from conftest import BASE_CONFIG, subprocess_env
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("training.learnin_rate=1e-3", "'training.learnin_rate' is not a config key"),
+    ("training.learning_rate=fast", "'training.learning_rate' takes values of type float"),
+    ("model.num_layers=2.5", "'model.num_layers' takes values of type int"),
+    ("model.tie_embeddings=yes", "'model.tie_embeddings' takes values of type bool"),
+    ("training.learning_rate=", "give at least one value"),
+    ("training.learning_rate=1e-3,,2e-3", "without empty ones"),
+    ("training.learning_rate=1e-3,1e-3", "a value is listed twice"),
+    ("training.learning_rate", "write KEY=VALUE1,VALUE2"),
+    ("workdir=a,b", "not a config key that a sweep can vary"),
+])
+def test_a_bad_sweep_is_one_clear_error(spec, message):
+  with pytest.raises(UsageError, match=message):
+    sweep_lib.parse_sweeps([spec])
+
+
+def test_sweeps_make_a_grid_of_validated_points_named_by_their_overrides(tiny_config, tmp_path):
+  sweeps = sweep_lib.parse_sweeps(["training.learning_rate=1e-3,3e-3", "model.num_layers=1,2",
+                                   "model.tie_embeddings=true,false"])
+  assert sweeps == {"training.learning_rate": [1e-3, 3e-3], "model.num_layers": [1, 2],
+                    "model.tie_embeddings": [True, False]}
+  points = sweep_lib.grid(tiny_config, sweeps, str(tmp_path / "sweep"))
+  assert len(points) == 8
+  assert os.path.basename(points[0].workdir) == "learning_rate=0.001,num_layers=1,tie_embeddings=True"
+  assert (points[-1].training.learning_rate, points[-1].model.num_layers, points[-1].model.tie_embeddings) == (
+      3e-3, 2, False)
+  assert sweep_lib.point_name({"model.dropout": 0.1, "data.dropout": 0.2}) == "model.dropout=0.1,data.dropout=0.2"
+  with pytest.raises(sweep_lib.config_lib.ConfigError, match=r"the grid point num_heads=3: config key "
+                     r"'model.d_model' = 32 must be divisible by 'model.num_heads' = 3"):
+    sweep_lib.grid(tiny_config, {"model.num_heads": [2, 3]}, str(tmp_path / "sweep"))
+
+
+def test_a_sweep_runs_every_point_skips_finished_ones_and_reports(tiny_config, tmp_path, capsys):
+  tiny_config.training.epochs = 2
+  tiny_config.sample.max_new_tokens = 0
+  workdir = str(tmp_path / "sweep")
+  sweeps = {"training.learning_rate": [3e-3, 1e-2]}
+  rows = sweep_lib.run_sweep(tiny_config, sweeps, workdir)
+  assert [r["point"] for r in rows] == ["learning_rate=0.003", "learning_rate=0.01"]
+  for row in rows:
+    assert row["epochs"] == 2 and row["params"] > 0 and row["device"] == "cpu"
+    assert row["best_val_loss"] > 0 and row["test_perplexity"] > 1 and row["test_bpb"] > 0
+    assert row["tokens_per_s"] > 0 and row["wall_time_s"] > 0 and row["stopped_early"] is False
+    assert row["status"] == "finished"
+  with open(os.path.join(workdir, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [r["training.learning_rate"] for r in table] == ["0.003", "0.01"]
+  assert float(table[1]["test_perplexity"]) == rows[1]["test_perplexity"]
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert f.read().splitlines()[0].startswith("| point | training.learning_rate | status | params | epochs |")
+
+  # Again: both points are finished and skipped; a point cut off before its test runs again (resumes).
+  os.remove(os.path.join(workdir, "learning_rate=0.01", "test_metrics.json"))
+  capsys.readouterr()
+  again = sweep_lib.run_sweep(tiny_config, sweeps, workdir)
+  out = capsys.readouterr().out
+  assert "point 1/2 learning_rate=0.003 is finished; skipped" in out
+  assert "the run in " in out and "is already complete (2 epochs)" in out  # the second resumed, nothing to train
+  assert [r["test_perplexity"] for r in again] == [r["test_perplexity"] for r in rows]
+
+
+def test_a_point_that_diverges_is_reported_failed_and_the_sweep_goes_on(tiny_config, tmp_path, capsys):
+  tiny_config.training.epochs = 1
+  tiny_config.sample.max_new_tokens = 0
+  workdir = str(tmp_path / "sweep")
+  rows = sweep_lib.run_sweep(tiny_config, {"training.learning_rate": [1e30, 3e-3]}, workdir)
+  assert [(r["point"], r["status"]) for r in rows] == [("learning_rate=1e+30", "failed"),
+                                                      ("learning_rate=0.003", "finished")]
+  assert "sweep: point learning_rate=1e+30 failed: the training diverged by step" in capsys.readouterr().out
+  assert rows[0]["test_perplexity"] is None and rows[1]["test_perplexity"] > 1
+
+
+def test_the_report_draws_the_learning_curves(tiny_config, tmp_path):
+  pytest.importorskip("matplotlib")
+  pytest.importorskip("tensorboard")
+  tiny_config.training.epochs = 2
+  tiny_config.sample.max_new_tokens = 0
+  workdir = str(tmp_path / "sweep")
+  sweep_lib.run_sweep(tiny_config, {"model.dropout": [0.0, 0.1]}, workdir)
+  from PIL import Image
+  for name in ("val_loss.png", "train_loss.png"):
+    with Image.open(os.path.join(workdir, name)) as image:
+      assert image.size == (960, 600)
+  assert sweep_lib._train_curve(os.path.join(workdir, "dropout=0.1"), _accumulator())[0][-1] > 0
+
+
+def _accumulator():
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  return EventAccumulator
+
+
+def test_the_command_line_refuses_a_bad_sweep_before_any_run(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "jaxlm.sweep", f"--config={BASE_CONFIG}:tiny",
+                         "--sweep=training.learning_rate=1e-3,oops", f"--workdir={tmp_path / 'sweep'}"],
+                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "error: --sweep=training.learning_rate=1e-3,oops: 'training.learning_rate' takes values of type float"]
+  assert not os.path.exists(tmp_path / "sweep")
+  report = subprocess.run([sys.executable, "-m", "jaxlm.sweep", "--report", f"--workdir={tmp_path}"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert report.returncode == 1 and report.stderr.strip().startswith(f"error: {tmp_path} holds no sweep")
