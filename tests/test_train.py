@@ -311,6 +311,23 @@ def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_co
   assert [p for p in ours if p[0] not in (10,)] == [p for p in theirs if p[0] not in (10,)]
 
 
+def test_saves_every_n_steps_land_on_their_step_with_several_steps_per_call(tiny_config, monkeypatch):
+  tiny_config.training.steps_per_call = 3
+  tiny_config.training.checkpoint_every_steps = 7
+  tiny_config.training.checkpoint_every_minutes = 0.0
+  saved = []
+  real = checkpoint_lib.Checkpoints.save
+
+  def save(self, name, state, meta, wait=False):
+    if name == "last":
+      saved.append(meta["global_step"])
+    return real(self, name, state, meta, wait=wait)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpoints, "save", save)
+  run_lib.train_and_evaluate(tiny_config)
+  assert saved == [7, 14, 20, 27, 34, 40]  # every 7 steps since the last save; each epoch's end (20 steps)
+
+
 def test_crash_between_saving_best_and_last_resumes_correctly(tiny_config, tmp_path):
   """The process died after epoch 2's `best` was written but before its `last`: the resumed run
   redoes epoch 2 and ends as the uninterrupted run."""
