@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|gpt2|torch|train ...   (sections run in the order given)
+#   bash experiments/gpu_speed.sh loop|attention|final|scan|gpt2|torch|train ...   (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
 # One JSON line per measurement on stdout; the runs' metrics files go to $OUT.
@@ -34,6 +34,10 @@ for section in "$@"; do
     run $bench $gpt2 --steps=20 --modes=step,calls --steps_per_call=1
     run $bench $gpu --modes=step,calls --steps_per_call=16 --steps=320
     run $bench --modes=calls --steps_per_call=10 --steps=800 ;;
+  scan)  # scan over layers: compile time and step time of the GPT-2-small shape and the GPU config
+    run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=false
+    run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=true
+    run $bench $gpu --steps=320 --modes=calls --config.model.scan_layers=true ;;
   gpt2)  # the GPT-2-small shape
     run $bench $gpt2 --config.model.attention=xla --steps=20
     run $bench $gpt2 --config.model.attention=cudnn --steps=20 --profile=/tmp/prof_gpt2
