@@ -3,7 +3,11 @@
 #   bash experiments/gpu_speed.sh loop|attention|final|scan|gpt2|torch|train ...   (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
-# One JSON line per measurement on stdout; the runs' metrics files go to $OUT.
+# One JSON line per measurement on stdout; the runs' metrics files go to $OUT. The corpus, made here:
+#   mkdir -p .gpu/wikitext-2-x5 && cp ../shared/data/wikitext-2-mini/{validation,test}.txt .gpu/wikitext-2-x5/
+#   for i in 1 2 3 4 5; do cat ../shared/data/wikitext-2-mini/train.txt; done > .gpu/wikitext-2-x5/train.txt
+#   python -m jaxlm.data --config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5
+# then carry .whl, .gpu and data (device tool's `carry`).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
