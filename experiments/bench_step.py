@@ -28,7 +28,6 @@ from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import model as model_lib
 from jaxlm import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py")
@@ -106,7 +105,7 @@ def main(argv):
   config_lib.validate(config)
   s = train_lib.setup(config, _VOCAB.value, num_steps=10_000)
   B, L = config.training.batch_size, config.data.seq_length
-  flops, rate = model_lib.flops_per_token(config, _VOCAB.value), None
+  flops, rate = s.flops_per_token, None
   if _MATMUL.value:
     with jax.default_device(s.device):
       rate = matmul_flops(s.dtype)

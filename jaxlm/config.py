@@ -121,6 +121,15 @@ def from_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
   return module.get_config(variant) if variant else module.get_config()
 
 
+def lookup(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(the ConfigDict that holds `key`, the key's last part): "model.d_model" -> (config.model, "d_model")."""
+  *groups, name = key.split(".")
+  node = config
+  for group in groups:
+    node = node[group]
+  return node, name
+
+
 def flatten(config, prefix: str = "") -> dict[str, Any]:
   """{"group.key": value} of a ConfigDict or of its to_dict()."""
   flat = {}

@@ -55,7 +55,8 @@ def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 
 def sample_token(key: jax.Array, logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """int32 [B]: the next token of each row."""
+  """int32 [B]: the next token of each row, chosen in float32 from logits of any dtype."""
+  logits_BV = logits_BV.astype(jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = filter_logits(logits_BV / temperature, top_k, top_p)
@@ -103,7 +104,7 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
     start_B = jnp.maximum(lengths_B - context, 0)
     window_BC = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (context,)))(tokens_BT, start_B)
     logits_BCV = model.apply({"params": params}, window_BC)
-    return jnp.take_along_axis(logits_BCV, (lengths_B - 1 - start_B)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return jnp.take_along_axis(logits_BCV, (lengths_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
 
   def append(s: _Decoding, key) -> tuple[_Decoding, jax.Array]:
     """Samples each row's next token from the logits and writes it after the row's last."""
@@ -127,7 +128,7 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
     cache = model_lib.init_cache(model, B, context)
     logits_BPV, variables = model.apply({"params": params, "cache": cache}, tokens_BP, decode=True,
                                         mutable=["cache"])
-    logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     state = _Decoding(jnp.zeros((), jnp.int32), tokens_BT, lengths_B, jnp.zeros(B, bool), logits_BV,
                       {**variables["cache"], "index": lengths_B})
 
@@ -135,7 +136,7 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
       s, new_B = append(s, key)
       logits_B1V, variables = model.apply({"params": params, "cache": s.cache}, new_B[:, None], decode=True,
                                           mutable=["cache"])
-      return s._replace(logits_BV=logits_B1V[:, 0].astype(jnp.float32), cache=variables["cache"])
+      return s._replace(logits_BV=logits_B1V[:, 0], cache=variables["cache"])
 
     def window_step(s: _Decoding) -> _Decoding:  # past the context: the last `context` tokens again
       s, _ = append(s, key)

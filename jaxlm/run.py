@@ -8,7 +8,6 @@ Re-running in a work directory with a `last` checkpoint resumes the same run exa
 """
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -194,8 +193,7 @@ def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = config.copy_and_resolve_references()
   changes = []
   for key, value in export.gpt2_overrides(config.model.init_from).items():
-    group, name = key.rsplit(".", 1)
-    node = functools.reduce(getattr, group.split("."), config)
+    node, name = config_lib.lookup(config, key)
     if node[name] != value:
       changes.append(f"{key} = {value!r}")
       node[name] = value
@@ -228,7 +226,8 @@ class _Setup:
 
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
-  device = config_lib.select_device(config)  # a bad --config.device fails before the data is read
+  # A device or an attention kernel that cannot work fails before the data is read.
+  config_lib.compute_dtype(config, config_lib.select_device(config))
   corpus = data_lib.load(config, verbose=True)
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
@@ -236,7 +235,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   train = train_lib.setup(config, corpus.vocab_size, num_steps)
   flops_per_step = train.flops_per_token * config.training.batch_size * config.data.seq_length
   return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
-                config_lib.steps_per_call(config, device, flops_per_step))
+                config_lib.steps_per_call(config, train.device, flops_per_step))
 
 
 def _print_setup(s: _Setup) -> None:

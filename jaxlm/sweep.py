@@ -73,10 +73,7 @@ def grid(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdir: st
     overrides = dict(zip(sweeps, values))
     point = config.copy_and_resolve_references()
     for key, value in overrides.items():
-      group, name = key.rsplit(".", 1) if "." in key else ("", key)
-      node = point
-      for part in filter(None, group.split(".")):
-        node = node[part]
+      node, name = config_lib.lookup(point, key)
       node[name] = value
     point.workdir = os.path.join(workdir, point_name(overrides))
     try:
@@ -128,10 +125,7 @@ def _row(point_dir: str, keys: list[str]) -> dict:
   with open(os.path.join(point_dir, workdir_lib.CONFIG_FILE)) as f:
     flat = config_lib.flatten(json.load(f))
   row = {"point": os.path.basename(point_dir), **{k: flat.get(k) for k in keys}}
-  epochs = []
-  if os.path.exists(path := os.path.join(point_dir, "metrics.jsonl")):
-    with open(path) as f:
-      epochs = [json.loads(line) for line in f if line.strip()]
+  epochs = _epochs(point_dir)
   test = {}
   if is_finished(point_dir):
     with open(os.path.join(point_dir, "test_metrics.json")) as f:
@@ -223,12 +217,17 @@ def _plot(workdir: str, dirs: list[str]) -> list[str]:
   return written
 
 
-def _val_curves(point_dir: str) -> tuple[list, list]:
+def _epochs(point_dir: str) -> list[dict]:
+  """The point's metrics.jsonl records, one per epoch done ([] before the first)."""
   path = os.path.join(point_dir, "metrics.jsonl")
   if not os.path.exists(path):
-    return [], []
+    return []
   with open(path) as f:
-    epochs = [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _val_curves(point_dir: str) -> tuple[list, list]:
+  epochs = _epochs(point_dir)
   return [e["epoch"] for e in epochs], [e["val_loss"] for e in epochs]
 
 
