@@ -13,6 +13,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.workdir = "runs/experiment_1"  # metrics.jsonl, tensorboard/, checkpoints/{last,best}
   config.device = "auto"  # auto | cpu | gpu (alias: cuda) | tpu; auto lets JAX choose
 
+  # How the run spreads over the devices of that platform (every GPU of every host): a mesh of
+  # data x fsdp devices. Both axes split the batch; `fsdp` also shards the parameters and the
+  # optimizer state (ZeRO-3), `data` replicates them. -1: every device the other axis leaves.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+
   config.data = data = ml_collections.ConfigDict()
   data.dataset_name = "wikitext"  # Hugging Face hub dataset, used when data_dir is empty
   data.dataset_config = "wikitext-2-raw-v1"
@@ -57,7 +64,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.training = training = ml_collections.ConfigDict()
   training.epochs = 3
-  training.batch_size = 2
+  training.batch_size = 2  # the global batch: split over the mesh's devices
   training.eval_batch_size = 16  # validation/test only; the per-token loss is exact at any size
   training.learning_rate = 3e-4  # peak of the warmup-cosine schedule
   training.min_learning_rate = 0.0  # the cosine's floor, reached at num_steps

@@ -1,6 +1,7 @@
 """Times jaxlm's training step, one JSON line per variant, comparable with the PyTorch baseline's
 `train.py --bench-steps` (same model, batch, sequence length and vocabulary; random tokens unless
---tokens_npy is given). Model and state come from `train.setup`, as in a run.
+--tokens_npy is given). Model and state come from `train.setup`, as in a run: over every device, as
+config mesh.* lays them out (training.batch_size is the global batch; tokens/s are the mesh's).
 
 Variants (--modes):
   step   the jitted `train_step` on batches already on the device: the bare step
@@ -11,6 +12,7 @@ Variants (--modes):
   python experiments/bench_step.py --config=configs/base.py --modes=step,calls --steps_per_call=1,16
   python experiments/bench_step.py --config=configs/base.py --config.training.batch_size=32 --matmul
   python experiments/bench_step.py ... --profile=/tmp/trace   # + the device's busiest kernels
+  python experiments/bench_step.py ... --config.mesh.fsdp=2     # 2 GPUs, parameters sharded
 """
 import collections
 import glob
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
+from jaxlm import sharding as sharding_lib
 from jaxlm import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py")
@@ -56,13 +59,15 @@ def make_variant(s: train_lib.Setup, mode: str, k: int, num_calls: int):
   """(compile seconds, call(state, i) -> (state, metrics) running call i)."""
   B = s.config.training.batch_size
   pool = token_pool(s.config, num_calls * k * B)
+  replicated, batch = sharding_lib.replicated(s.mesh), sharding_lib.batch(s.mesh)
   if mode == "step":
-    batches = [jax.device_put(pool[i * B:(i + 1) * B]) for i in range(num_calls)]
-    fn = jax.jit(lambda st, b: train_lib.train_step(st, b, s.schedule), donate_argnums=0)
+    batches = [sharding_lib.put(pool[i * B:(i + 1) * B], batch) for i in range(num_calls)]
+    fn = jax.jit(lambda st, b: train_lib.train_step(st, b, s.schedule), in_shardings=(s.state_shardings, batch),
+                 out_shardings=(s.state_shardings, replicated), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = fn.lower(s.state, batches[0]).compile()
     return time.perf_counter() - t0, lambda st, i: compiled(st, batches[i])
-  seqs, order = jax.device_put(pool), jax.device_put(np.arange(len(pool), dtype=np.int32))
+  seqs, order = sharding_lib.put(pool, replicated), sharding_lib.put(np.arange(len(pool), dtype=np.int32), replicated)
   program, compile_s = train_lib.compile_train_steps(s, s.state, seqs, order, k)
   return compile_s, lambda st, i: program(st, seqs, order, np.int32(i * k))
 
@@ -142,6 +147,7 @@ def main(argv):
       peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(dict(
         impl="jaxlm", mode=mode, steps_per_call=k, device=s.device.platform, device_name=s.device.device_kind,
+        devices=s.mesh.size, mesh=dict(s.mesh.shape), per_device_batch=B // s.mesh.size,
         dtype=jnp.dtype(s.dtype).name, attention=s.model.attention, batch_size=B, seq_length=L,
         d_model=config.model.d_model, num_layers=config.model.num_layers, vocab_size=_VOCAB.value,
         params=s.num_params, steps=steps, ms_per_step=round(1000 * dt / steps, 3),

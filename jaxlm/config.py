@@ -39,6 +39,8 @@ _ANY = lambda v: True  # noqa: E731
 SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "workdir": (str, lambda v: bool(v) or "must name a directory"),
     "device": (str, _one_of("auto", "cpu", "gpu", "cuda", "tpu")),
+    "mesh.data": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for the devices mesh.fsdp leaves"),
+    "mesh.fsdp": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for the devices mesh.data leaves"),
     "data.dataset_name": (str, _ANY),
     "data.dataset_config": (str, _ANY),
     "data.data_dir": (str, _ANY),
@@ -97,7 +99,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 ADDED_KEYS = {
     "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False,
     "training.checkpoint_every_steps": 0, "training.checkpoint_every_minutes": 10.0,
-    "training.steps_per_call": -1,
+    "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1,
     "sample.prompt": " The", "sample.max_new_tokens": 48, "sample.temperature": 0.8, "sample.top_k": 200,
     "sample.top_p": 1.0, "sample.seed": 0,
 }
@@ -180,6 +182,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.sample.max_new_tokens and not config.sample.prompt.strip():
     raise ConfigError("config key 'sample.prompt' is empty: give the samples while training a prompt, or "
                       "turn them off with --config.sample.max_new_tokens=0")
+  if config.mesh.data == -1 and config.mesh.fsdp == -1:
+    raise ConfigError("config keys 'mesh.data' and 'mesh.fsdp' are both -1: set one of them "
+                      "(e.g. --config.mesh.fsdp=1 for pure data parallel)")
   if not config.data.data_dir and not (config.data.dataset_name and config.data.dataset_config):
     raise ConfigError("config key 'data.data_dir' is empty and so is 'data.dataset_name' or "
                       "'data.dataset_config': name a hub dataset or a local directory")
@@ -191,17 +196,24 @@ def max_seq_length(config: ml_collections.ConfigDict) -> int:
   return config.data.seq_length if m == -1 else m
 
 
-def select_device(config: ml_collections.ConfigDict) -> jax.Device:
-  """The device config.device names; `auto` is JAX's default (GPU or TPU when present)."""
+def select_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+  """Every device of every process on the platform config.device names; `auto` is JAX's default
+  (GPU or TPU when present)."""
   platform = {"auto": None, "cuda": "gpu"}.get(config.device, config.device)
   try:
-    return jax.devices(platform)[0]
+    return jax.devices(platform)
   except RuntimeError as e:
     available = sorted({d.platform for d in jax.devices()})
     raise ConfigError(
         f"config key 'device' = {config.device!r}, but JAX has no {platform} backend here "
         f"(available: {', '.join(available)}). Set --config.device=auto, or install a JAX build "
         f"for it (e.g. pip install -U 'jax[cuda12]' for NVIDIA GPUs). ({e})") from None
+
+
+def select_device(config: ml_collections.ConfigDict) -> jax.Device:
+  """This process's first device of that platform: where inference runs, and what a run's choices
+  (dtype, attention kernel, peak FLOP/s) are made for."""
+  return next(d for d in select_devices(config) if d.process_index == jax.process_index())
 
 
 def compute_dtype(config: ml_collections.ConfigDict, device: jax.Device) -> jnp.dtype:

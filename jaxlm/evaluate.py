@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
+from jaxlm import sharding as sharding_lib
 from jaxlm.cli import UserError
 
 
@@ -59,16 +60,24 @@ def windows(tokens: np.ndarray, context: int, stride: int, batch_size: int) -> I
     yield ids, weights
 
 
-def make_eval_step(apply_fn) -> Callable:
-  """jitted (params, tokens_BW, weights_BT) -> (summed loss, scored token count)."""
+def make_eval_step(apply_fn, mesh: jax.sharding.Mesh | None = None, params_shardings=None) -> Callable:
+  """(params, tokens_BW, weights_BT) -> (summed loss, scored token count), jitted. With a mesh, the
+  params are laid out as `params_shardings` and each (host) batch is split over the mesh's devices,
+  so its size must be a multiple of `sharding.batch_multiple(mesh)`."""
 
-  @jax.jit
   def eval_step(params, tokens_BW, weights_BT):
     logits_BWV = apply_fn({"params": params}, tokens_BW, deterministic=True)
     losses_BT = model_lib.next_token_losses(logits_BWV, tokens_BW)
     return jnp.sum(jnp.where(weights_BT, losses_BT, 0.0)), jnp.sum(weights_BT, dtype=jnp.int32)
 
-  return eval_step
+  if mesh is None:
+    return jax.jit(eval_step)
+  batch = sharding_lib.batch(mesh)
+  step = jax.jit(eval_step, in_shardings=(params_shardings, batch, batch),
+                 out_shardings=sharding_lib.replicated(mesh))
+  # Every process holds the whole host batch; each device gets its rows of it.
+  return lambda params, tokens_BW, weights_BT: step(params, sharding_lib.put(tokens_BW, batch),
+                                                    sharding_lib.put(weights_BT, batch))
 
 
 def evaluate(eval_step, params, tokens: np.ndarray, token_bytes: np.ndarray, num_words: int | None,

@@ -5,6 +5,12 @@ train over every batch (saving `last` every `training.checkpoint_every_*` on the
 the whole validation split, sample from a fixed prompt, log, checkpoint (`last` every epoch, `best`
 on improvement) and check early stopping; at the end evaluate `best` on the test split.
 Re-running in a work directory with a `last` checkpoint resumes the same run exactly.
+
+A run spans every device of every process (`jaxlm.sharding`). Every process runs this same loop on
+the same replicated metrics, so they take the same decisions; process 0 alone writes files (metrics,
+TensorBoard, config, tokenizer), while all save and restore the checkpoints together (orbax). A
+signal or a time-based save, which one process may see before another, is agreed on at the next
+log boundary.
 """
 import contextlib
 import dataclasses
@@ -19,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
@@ -26,6 +33,7 @@ from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
+from jaxlm import sharding as sharding_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.cli import UserError
@@ -156,6 +164,25 @@ def _say(message: str) -> None:
     print(message, end="", flush=True)
 
 
+def _primary() -> bool:
+  """Whether this process writes the run's files (process 0 of a multi-process run)."""
+  return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+  """Waits until every process of the run has come here (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class _Discard:
+  """A writer that writes nothing: metrics.jsonl's and TensorBoard's stand-in on processes other
+  than 0."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
+
+
 class _SaveTimer:
   """When `last` is due within an epoch: every `checkpoint_every_steps` steps or
   `checkpoint_every_minutes` minutes since the last save, whichever comes first (0 turns one off)."""
@@ -226,9 +253,14 @@ class _Setup:
 
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
-  # A device or an attention kernel that cannot work fails before the data is read.
+  # A device, a mesh or an attention kernel that cannot work fails before the data is read.
   config_lib.compute_dtype(config, config_lib.select_device(config))
-  corpus = data_lib.load(config, verbose=True)
+  sharding_lib.make_mesh(config, config_lib.select_devices(config))
+  # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
+  # make the same one themselves).
+  corpus = data_lib.load(config, verbose=True) if _primary() else None
+  _barrier("data")
+  corpus = corpus or data_lib.load(config)
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
@@ -240,9 +272,11 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
 
 def _print_setup(s: _Setup) -> None:
   t, L, ts = s.config.training, s.config.data.seq_length, s.train
-  print(f"devices: {jax.devices()}; training on {ts.device.device_kind} ({ts.device.platform}), compute dtype "
-        f"{jnp.dtype(ts.dtype).name}, {ts.model.attention} attention, {s.steps_per_call} step(s) per call",
-        flush=True)
+  mesh = ts.mesh
+  print(f"devices: {jax.devices()}; training on {mesh.size} x {ts.device.device_kind} ({ts.device.platform}) "
+        f"in {jax.process_count()} process(es), mesh data {mesh.shape[sharding_lib.DATA]} x fsdp "
+        f"{mesh.shape[sharding_lib.FSDP]}, compute dtype {jnp.dtype(ts.dtype).name}, {ts.model.attention} "
+        f"attention, {s.steps_per_call} step(s) per call", flush=True)
   print(f"config:\n{s.config}", flush=True)
   print(f"model: {ts.num_params:,} parameters, {ts.flops_per_token / 1e6:.1f} MFLOP per token (train)")
   print(f"data: {len(s.train_seqs):,} train sequences of {L} tokens -> {s.steps_per_epoch:,} steps per "
@@ -256,12 +290,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
   config_lib.validate(config)
   config = _init_from(config)
   config_lib.validate(config)
-  if fresh:
-    _move_aside(config.workdir)
-  made = workdir_lib.create(config.workdir)
   with contextlib.ExitStack() as stack:
-    stack.callback(workdir_lib.remove_if_unused, config.workdir, made)
-    stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
+    if _primary():  # the directory and its lock are process 0's; the others wait for them
+      if fresh:
+        _move_aside(config.workdir)
+      made = workdir_lib.create(config.workdir)
+      stack.callback(workdir_lib.remove_if_unused, config.workdir, made)
+      stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
+    _barrier("workdir")
     setup = _setup(config)
     _print_setup(setup)
     run = _Run(setup, stack)
@@ -277,25 +313,29 @@ class _Run:
     self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
     self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
     self.state, self.loop = self._resume()
-    # The config for people and tools (each checkpoint holds its own), the tokenizer for evaluate,
-    # generate and export.
     self.tokenizer = setup.corpus.tokenizer()
     self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
-    workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.CONFIG_FILE), self.config.to_dict())
-    workdir_lib.write_atomically(os.path.join(self.workdir, workdir_lib.TOKENIZER_FILE), self.tokenizer.save)
     self.step = int(self.state.step)
-    self.jsonl = metrics_lib.JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"), keep_epochs_up_to=self.loop.epoch)
-    self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
-    stack.callback(self.tb.close)
+    self.jsonl, self.tb = _Discard(), _Discard()
+    if _primary():
+      # The config for people and tools (each checkpoint holds its own), the tokenizer for evaluate,
+      # generate and export.
+      workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.CONFIG_FILE), self.config.to_dict())
+      workdir_lib.write_atomically(os.path.join(self.workdir, workdir_lib.TOKENIZER_FILE), self.tokenizer.save)
+      self.jsonl = metrics_lib.JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"),
+                                           keep_epochs_up_to=self.loop.epoch)
+      self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
+      stack.callback(self.tb.close)
     t, ts = self.config.training, setup.train
     self.progress = metrics_lib.Progress(setup.total_steps, t.batch_size * self.config.data.seq_length,
                                          ts.flops_per_token, ts.peak_flops)
     self.stop = stack.enter_context(_StopRequest())
     stack.enter_context(jax.default_device(ts.device))
     self.save_timer = _SaveTimer(self.config, self.step)
-    self.seqs = jax.device_put(setup.train_seqs, ts.device)  # the train split stays on the device
+    self.replicated = sharding_lib.replicated(ts.mesh)
+    self.seqs = sharding_lib.put(setup.train_seqs, self.replicated)  # the train split stays on the devices
     self.programs = {}  # steps per call -> the compiled train_steps
-    self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply)
+    self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply, ts.mesh, ts.state_shardings.params)
     self.interval = []  # metrics of the logging interval in progress
     self.sampler, self.sample_prompt = self._make_sampler()
 
@@ -305,7 +345,8 @@ class _Run:
     if not self.checkpoints.exists("last"):
       if self.config.model.init_from:
         from jaxlm import export
-        return fresh.replace(params=export.load_gpt2_params(self.config.model.init_from, fresh.params)), LoopState()
+        params = export.load_gpt2_params(self.config.model.init_from, fresh.params)
+        return fresh.replace(params=jax.device_put(params, self.s.train.state_shardings.params)), LoopState()
       return fresh, LoopState()
     meta = self.checkpoints.restore_meta("last")
     _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
@@ -344,7 +385,7 @@ class _Run:
       t_epoch = time.perf_counter()
       steps_run, compile_s = self.train_epoch(self.loop.epoch + 1)
       self.end_epoch(self.loop.epoch + 1, t_epoch, steps_run, time.perf_counter() - t_epoch - compile_s)
-      if self.stop.signum:  # arrived while sampling, logging or saving: `last` is this epoch's
+      if self.agreed(self.stop.signum, False)[0]:  # arrived while sampling, logging or saving: `last` is this epoch's
         self.stopped()
       self.progress.reset(self.step)
 
@@ -352,7 +393,8 @@ class _Run:
     """Trains to the end of `epoch` from where the run stands; (steps run, compile seconds)."""
     t, spe = self.config.training, self.s.steps_per_epoch
     first, end = (epoch - 1) * spe, epoch * spe  # the epoch's steps; self.step > first when resuming
-    order = jax.device_put(data_lib.epoch_order(t.seed, epoch, len(self.s.train_seqs)).astype(np.int32))
+    order = sharding_lib.put(data_lib.epoch_order(t.seed, epoch, len(self.s.train_seqs)).astype(np.int32),
+                             self.replicated)
     steps_run, compile_s, pending = 0, 0.0, []
     while self.step < end:
       n = self._call_length(end)
@@ -360,8 +402,8 @@ class _Run:
       self.state, step_metrics = program(self.state, self.seqs, order, np.int32(self.step - first))
       pending.append(step_metrics)
       self.step, steps_run = self.step + n, steps_run + n
-      signum = self.stop.signum  # read once: a signal may land at any moment
-      save_due = self.step != end and (signum or self.save_timer.due(self.step))
+      signum, save_due = self.agreed(self.stop.signum, self.save_timer.due(self.step))
+      save_due = self.step != end and (signum or save_due)
       if self.step % t.log_every_steps == 0 or self.step == end or save_due:
         # One transfer per interval, [n] per call: the device runs ahead in between.
         self.log_steps(epoch, [dict(zip(m, v)) for m in jax.device_get(pending) for v in zip(*m.values())])
@@ -371,6 +413,18 @@ class _Run:
           self.interrupt()
         self.save("last")
     return steps_run, compile_s
+
+  def agreed(self, signum: int | None, save_due: bool) -> tuple[int | None, bool]:
+    """(signal, save due) as every process sees them: what any one of them saw, at a log boundary
+    (where all compare notes), and nothing in between. In a single process: as given."""
+    if jax.process_count() == 1:
+      return signum, save_due
+    if self.step % self.config.training.log_every_steps and self.step % self.s.steps_per_epoch:
+      return None, False
+    seen = multihost_utils.process_allgather(np.array([signum or 0, save_due], np.int32)).max(axis=0)
+    if seen[0] and self.stop.signum is None:
+      self.stop.signum = int(seen[0])  # another process's signal stops this one too
+    return int(seen[0]) or None, bool(seen[1])
 
   def _call_length(self, end: int) -> int:
     """Steps in the next call: steps_per_call, or single steps up to the next point where the host
@@ -461,10 +515,14 @@ class _Run:
   def evaluate(self, split: str, params=None) -> dict | None:
     """Exact metrics of `split` (None if a stop was requested meanwhile)."""
     corpus = self.s.corpus
+    # A batch that every device gets an equal share of; the padding windows are weighted 0. In
+    # several processes a stop waits for the evaluation's end: they could not agree on a batch.
+    multiple = sharding_lib.batch_multiple(self.s.train.mesh)
+    batch_size = -(-self.config.training.eval_batch_size // multiple) * multiple
+    stop = (lambda: self.stop.signum is not None) if jax.process_count() == 1 else (lambda: False)
     return evaluate_lib.evaluate(self.eval_fn, self.state.params if params is None else params,
                                  corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
-                                 self.config.data.seq_length, batch_size=self.config.training.eval_batch_size,
-                                 stop=lambda: self.stop.signum is not None)
+                                 self.config.data.seq_length, batch_size=batch_size, stop=stop)
 
   def _make_sampler(self) -> tuple:
     """(the jitted sampler, the prompt's ids) for samples while training; (None, None) when off."""
@@ -477,7 +535,7 @@ class _Run:
 
   def sample(self, epoch: int) -> None:
     """A sample from the fixed prompt, on the console and in TensorBoard (sample.* in the config)."""
-    if self.sampler is None or self.stop.signum:
+    if self.sampler is None or (self.stop.signum and jax.process_count() == 1):
       return
     tokens, lengths = self.sampler(self.state.params, *generate_lib.pad_prompts([self.sample_prompt]),
                                    self.config.sample.seed)
@@ -500,7 +558,8 @@ class _Run:
                "num_params": self.s.train.num_params,
                **{f"test_{k}": test[k] for k in evaluate_lib.METRICS},
                "test_mode": test["mode"], "device": self.s.train.device.device_kind}
-    workdir_lib.write_json(os.path.join(self.workdir, "test_metrics.json"), summary)
+    if _primary():
+      workdir_lib.write_json(os.path.join(self.workdir, "test_metrics.json"), summary)
     print(evaluate_lib.summary_line(f"test (best epoch {loop.best_epoch})", test), flush=True)
     print("summary: " + json.dumps(summary), flush=True)
     return summary

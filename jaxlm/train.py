@@ -1,13 +1,14 @@
 """The pure core of training: the optimizer, the TrainState, the jitted steps and on-device batching.
 
-`setup(config, vocab_size, num_steps)` is the one place that turns a config into a device, a
-compute dtype, a model, a schedule, an optimizer and a fresh TrainState; the run (`jaxlm.run`), the
-benchmarks and the tests all start from it.
+`setup(config, vocab_size, num_steps)` is the one place that turns a config into a mesh of devices,
+a compute dtype, a model, a schedule, an optimizer and a fresh TrainState sharded over the mesh
+(`jaxlm.sharding`); the run (`jaxlm.run`), the benchmarks and the tests all start from it.
 
 The train split lives on the device as int [N, L] sequences. `train_steps` runs `num_steps` updates
 in one jitted call (a `lax.scan`), each gathering its batch there from the epoch's order (a pure
 function of (seed, epoch), see data.epoch_order) and the batch's index in the epoch: there is no
-host-to-device copy per step, and any step can be replayed (exact resume).
+host-to-device copy per step, and any step can be replayed (exact resume). Over several devices the
+split is replicated and each device gathers only its own slice of the batch.
 """
 import dataclasses
 import functools
@@ -23,6 +24,7 @@ from flax.training import train_state
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
+from jaxlm import sharding as sharding_lib
 
 
 class TrainState(train_state.TrainState):
@@ -69,31 +71,35 @@ def schedule_length(config: ml_collections.ConfigDict, total_steps: int) -> int:
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Transformer,
-                       tx: optax.GradientTransformation) -> TrainState:
-  """Fresh parameters and optimizer state from config.training.seed (one compiled program)."""
+                       tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+  """(fresh parameters and optimizer state from config.training.seed, made in place on the mesh by
+  one compiled program; the state's shardings)."""
 
-  @jax.jit
   def init(key):
     init_key, dropout_key = jax.random.split(key)
     params = model.init(init_key, jnp.zeros((1, config.data.seq_length), jnp.int32))["params"]
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, dropout_key=dropout_key)
     return state.replace(step=jnp.zeros((), jnp.int32))  # typed as train_step returns it: one compile
 
-  return init(jax.random.PRNGKey(config.training.seed))
+  key = jax.random.PRNGKey(config.training.seed)
+  shardings = sharding_lib.state_shardings(mesh, jax.eval_shape(init, key))
+  return jax.jit(init, out_shardings=shardings)(key), shardings
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a config makes before any data is read: where and how to compute, and what to train."""
   config: ml_collections.ConfigDict
-  device: jax.Device
+  mesh: jax.sharding.Mesh  # every device of the run, data x fsdp
+  device: jax.Device  # this process's first: the dtype, kernel and peak FLOP/s are chosen for its kind
   dtype: jnp.dtype  # of the matmuls (parameters, optimizer, softmax and loss stay float32)
   model: model_lib.Transformer
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
-  state: TrainState  # fresh, on `device`
+  state: TrainState  # fresh, sharded over `mesh` by `state_shardings`
+  state_shardings: TrainState  # of NamedShardings
   flops_per_token: float  # training FLOPs (forward + backward), for tokens/s -> MFU
-  peak_flops: float | None  # of `device` in `dtype`, when known
+  peak_flops: float | None  # of the whole mesh in `dtype`, when known
 
   @property
   def num_params(self) -> int:
@@ -101,16 +107,18 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) -> Setup:
-  """The device, dtype, model, `num_steps`-long schedule, optimizer and fresh state `config` asks for."""
+  """The mesh, dtype, model, `num_steps`-long schedule, optimizer and fresh state `config` asks for."""
+  devices = config_lib.select_devices(config)
   device = config_lib.select_device(config)
+  mesh = sharding_lib.make_mesh(config, devices)
   dtype = config_lib.compute_dtype(config, device)
   model = model_lib.build(config, vocab_size, dtype, config_lib.attention_kernel(config, device, dtype))
   schedule = make_schedule(config, num_steps)
   optimizer = make_optimizer(config, schedule)
-  with jax.default_device(device):
-    state = create_train_state(config, model, optimizer)
-  return Setup(config, device, dtype, model, schedule, optimizer, state,
-               model_lib.flops_per_token(config, vocab_size), metrics_lib.peak_flops(device, dtype))
+  state, shardings = create_train_state(config, model, optimizer, mesh)
+  peak = metrics_lib.peak_flops(device, dtype)
+  return Setup(config, mesh, device, dtype, model, schedule, optimizer, state, shardings,
+               model_lib.flops_per_token(config, vocab_size), peak and peak * mesh.size)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -135,22 +143,31 @@ def batch_at(seqs_NL: jax.Array, order_N: jax.Array, index: jax.Array, batch_siz
 
 
 def train_steps(state: TrainState, seqs_NL: jax.Array, order_N: jax.Array, first: jax.Array, *,
-                learning_rate_fn: optax.Schedule, batch_size: int, num_steps: int):
+                learning_rate_fn: optax.Schedule, batch_size: int, num_steps: int,
+                batch_sharding: jax.sharding.Sharding | None = None):
   """`num_steps` updates on the epoch's batches first, first + 1, ... -> (state, metrics of each
-  step, stacked: [num_steps]). The same updates as `train_step` on those batches one by one."""
+  step, stacked: [num_steps]). The same updates as `train_step` on those batches one by one. Each
+  batch is laid out as `batch_sharding` says (each device gathers its own rows)."""
 
   def body(state, i):
-    return train_step(state, batch_at(seqs_NL, order_N, first + i, batch_size), learning_rate_fn)
+    tokens_BL = batch_at(seqs_NL, order_N, first + i, batch_size)
+    if batch_sharding is not None:
+      tokens_BL = jax.lax.with_sharding_constraint(tokens_BL, batch_sharding)
+    return train_step(state, tokens_BL, learning_rate_fn)
 
   return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
 
 
 def compile_train_steps(s: Setup, state: TrainState, seqs_NL: jax.Array, order_N: jax.Array,
                         num_steps: int) -> tuple[Callable, float]:
-  """(`train_steps` of `num_steps` updates compiled for these arguments, the seconds it took). The
+  """(`train_steps` of `num_steps` updates compiled for these arguments, the seconds it took): the
+  state keeps its shardings, the train split and the order are replicated, the metrics too. The
   compiled function donates the state: its buffers are reused for the new one."""
+  replicated = sharding_lib.replicated(s.mesh)
   fn = jax.jit(functools.partial(train_steps, learning_rate_fn=s.schedule, batch_size=s.config.training.batch_size,
-                                 num_steps=num_steps), donate_argnums=0)
+                                 num_steps=num_steps, batch_sharding=sharding_lib.batch(s.mesh)),
+               in_shardings=(s.state_shardings, replicated, replicated, replicated),
+               out_shardings=(s.state_shardings, replicated), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = fn.lower(state, seqs_NL, order_N, jnp.zeros((), jnp.int32)).compile()
   return compiled, time.perf_counter() - t0

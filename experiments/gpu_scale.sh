@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
+#   bash experiments/gpu_scale.sh bench|flags|scan|run ...   (in the order given)
+# GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
+# batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
+# image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the host's rule
+OUT=${OUT:-/tmp/out}
+mkdir -p $OUT
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a $OUT/log.txt
+nvidia-smi topo -m | tee -a $OUT/log.txt
+bench="python3 experiments/bench_step.py --config=configs/base.py --vocab_size=32768 --modes=calls \
+       --steps_per_call=1 --steps=30 --config.data.seq_length=1024 --config.model.d_model=768 \
+       --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --config.model.attention=cudnn"
+run() { echo "## $*" | tee -a $OUT/log.txt; timeout 240 env "$@" > /tmp/run.log 2>&1
+        grep -E '^\{|^compiled|^epoch|^test|^devices|^resum|Error|error' /tmp/run.log | tee -a $OUT/log.txt; }
+for section in "$@"; do
+  case $section in
+  bench)  # 1 GPU, then 2 GPUs: data parallel, fsdp
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16
+    run $bench --config.training.batch_size=32
+    run $bench --config.training.batch_size=32 --config.mesh.fsdp=2
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 ;;
+  flags)  # XLA's scheduling of the gradient reduction
+    for f in "--xla_gpu_enable_latency_hiding_scheduler=true" \
+             "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_all_reduce_combine_threshold_bytes=8388608" \
+             "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_all_reduce_combine_threshold_bytes=134217728"; do
+      run XLA_FLAGS="$f" $bench --config.training.batch_size=32
+    done
+    run XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" $bench --config.training.batch_size=32 --config.mesh.fsdp=2 ;;
+  scan)  # compile time and speed with the layers scanned (issue 9), 1 GPU and 2
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --config.model.scan_layers=true
+    run $bench --config.training.batch_size=32 --config.model.scan_layers=true ;;
+  run)  # the whole loop on 2 GPUs (guide's GPU config, 2.38M-token corpus): 2 epochs, then resumed on 1 GPU
+    common="--config=configs/gpu.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.workdir=/tmp/run2"
+    run python3 -m jaxlm.main $common --config.training.epochs=2 --config.training.num_steps=$((3 * 580))
+    run CUDA_VISIBLE_DEVICES=0 python3 -m jaxlm.main $common --config.training.epochs=3 --config.training.num_steps=$((3 * 580))
+    cp /tmp/run2/metrics.jsonl $OUT/run2_metrics.jsonl ;;
+  esac
+done

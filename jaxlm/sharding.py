@@ -1,0 +1,124 @@
+"""Where a run's arrays live: a mesh over every device of every process, and the shardings of the
+TrainState and of the batches on it.
+
+The mesh has two axes. Both split the batch; they differ in what they do with the state:
+- `data` replicates parameters and optimizer state (pure data parallel: XLA all-reduces the
+  gradients);
+- `fsdp` shards them too (ZeRO-3 style: XLA gathers each weight where it is used and
+  reduce-scatters its gradient), so that a model too large for one device's memory still trains.
+The steps in `jaxlm.train` stay as they are: they are jitted with these shardings and XLA inserts
+the collectives. With one device everything below is the identity.
+
+Devices are laid out process by process (`jax.devices()` order), `fsdp` the faster-varying axis:
+with fsdp no larger than a host's devices, the weight gathers stay inside a host and only the
+gradients of the `data` axis cross hosts.
+"""
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import config as config_lib
+from jaxlm.cli import UsageError, UserError
+
+DATA, FSDP = "data", "fsdp"
+BATCH = (DATA, FSDP)  # the batch axis is split over both mesh axes
+
+# Leaves smaller than this stay replicated on `fsdp` too: biases, LayerNorm scales, scalars. Sharding
+# them saves little memory and costs a collective each.
+MIN_SHARDED_SIZE = 2**14
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes from mesh.data and mesh.fsdp (-1: the devices the other leaves)."""
+  data, fsdp = config.mesh.data, config.mesh.fsdp  # not both -1 (config.validate)
+  for key, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if size != -1 and num_devices % size:
+      raise config_lib.ConfigError(f"config key '{key}' = {size} does not divide the {num_devices} devices "
+                                   f"of this run")
+  data = num_devices // fsdp if data == -1 else data
+  fsdp = num_devices // data if fsdp == -1 else fsdp
+  if data * fsdp != num_devices:
+    raise config_lib.ConfigError(
+        f"config keys 'mesh.data' x 'mesh.fsdp' = {data} x {fsdp} = {data * fsdp} devices, but this run has "
+        f"{num_devices}: make the product {num_devices}, or set one of them to -1")
+  return data, fsdp
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> Mesh:
+  """The run's data x fsdp mesh over `devices`; a batch the mesh cannot split evenly is a ConfigError."""
+  data, fsdp = mesh_shape(config, len(devices))
+  batch_size = config.training.batch_size
+  if batch_size % (data * fsdp):
+    raise config_lib.ConfigError(
+        f"config key 'training.batch_size' = {batch_size} (the global batch) must be divisible by the "
+        f"{data * fsdp} devices it is split over (mesh.data x mesh.fsdp = {data} x {fsdp}): use a multiple "
+        f"of {data * fsdp}, or fewer devices (e.g. CUDA_VISIBLE_DEVICES)")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch(mesh: Mesh) -> NamedSharding:
+  """[B, ...] arrays split over every device along B."""
+  return NamedSharding(mesh, PartitionSpec(BATCH))
+
+
+def batch_multiple(mesh: Mesh) -> int:
+  """Batches must be a multiple of this: the devices the batch axis is split over."""
+  return mesh.shape[DATA] * mesh.shape[FSDP]
+
+
+def _leaf_spec(path, leaf, fsdp: int) -> PartitionSpec:
+  """A parameter-shaped leaf's largest axis that `fsdp` divides, sharded over `fsdp`; replicated
+  when there is none or the leaf is small. The layer axis of scanned layers' stacked parameters
+  (under `blocks`) is never sharded: the scan takes one layer's slice at a time."""
+  if fsdp == 1 or leaf.size < MIN_SHARDED_SIZE:
+    return PartitionSpec()
+  stacked = any(getattr(k, "key", None) == "blocks" for k in path)
+  axes = sorted(range(1 if stacked else 0, leaf.ndim), key=lambda a: -leaf.shape[a])
+  for axis in axes:
+    if leaf.shape[axis] % fsdp == 0:
+      return PartitionSpec(*[FSDP if a == axis else None for a in range(leaf.ndim)])
+  return PartitionSpec()
+
+
+def state_shardings(mesh: Mesh, abstract_state):
+  """NamedShardings for every leaf of a state (from jax.eval_shape): replicated over `data`, and
+  over `fsdp` by `_leaf_spec`. The optimizer's moments follow their parameters' shapes, so they are
+  sharded alike."""
+  fsdp = mesh.shape[FSDP]
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: NamedSharding(mesh, _leaf_spec(path, leaf, fsdp)),
+                                          abstract_state)
+
+
+def initialize_processes(coordinator_address: str, num_processes: int | None, process_id: int | None,
+                         cluster: bool) -> None:
+  """Joins this process to a run over several processes (jax.distributed), before JAX is used:
+  explicitly (the coordinator's host:port, how many processes, which one this is) or, with
+  `cluster`, as the cluster environment says (SLURM, Open MPI, Cloud TPU and the others JAX
+  detects). Without either, a run is one process and nothing happens."""
+  explicit = (coordinator_address, num_processes is not None, process_id is not None)
+  if not any(explicit) and not cluster:
+    return
+  if any(explicit) and not all(explicit):
+    raise UsageError("--coordinator_address, --num_processes and --process_id go together: give all three "
+                     "(or --distributed alone on a cluster JAX detects)")
+  try:
+    if all(explicit):
+      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+      jax.distributed.initialize()
+  except (RuntimeError, ValueError) as e:
+    raise UserError(f"could not join the run's processes ({str(e).strip().splitlines()[0][:300]}): check that "
+                    f"every process got the same --coordinator_address (host:port of process 0, reachable "
+                    f"from all) and --num_processes, and its own --process_id") from None
+
+
+def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole (the same everywhere), as one global array laid
+  out as `sharding`: each of this process's devices gets its slice, nothing crosses processes."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -1,0 +1,144 @@
+"""One run over several devices and processes (jaxlm.sharding): the same losses as on one device.
+
+The runs over 4 devices are real `python -m jaxlm.main` processes on this machine's CPU, which XLA
+splits into 4 devices (--xla_force_host_platform_device_count=4); the two-process run joins two such
+processes of 2 devices each through jax.distributed on localhost, with CPU collectives (gloo).
+Tolerance: relative 2e-5 on every logged loss (measured differences: about 1e-7, float32 sums in
+another order).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
+from jaxlm import sharding as sharding_lib
+
+from conftest import BASE_CONFIG, load_config, subprocess_env
+from test_train import read_metrics, scalars
+
+RTOL = 2e-5
+
+
+def wider(config):
+  """The tiny config with layers wide enough that fsdp shards their kernels (MIN_SHARDED_SIZE)."""
+  config.model.d_model, config.model.d_ff = 64, 256
+  config.training.num_steps = 40  # two epochs of 20 steps: a one-epoch run then resumes on the same schedule
+  return config
+
+
+def child_args(config, workdir, *extra):
+  return [sys.executable, "-u", "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny",
+          f"--config.data.data_dir={config.data.data_dir}", f"--config.data.raw_dir={config.data.raw_dir}",
+          f"--config.data.processed_dir={config.data.processed_dir}", f"--config.workdir={workdir}",
+          "--config.device=cpu", "--config.model.d_model=64", "--config.model.d_ff=256",
+          "--config.training.num_steps=40", f"--config.training.log_every_steps={config.training.log_every_steps}",
+          *extra]
+
+
+def devices_env(count: int) -> dict:
+  return subprocess_env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}")
+
+
+def run_child(config, workdir, *extra, devices: int = 4) -> str:
+  result = subprocess.run(child_args(config, workdir, *extra), env=devices_env(devices), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def losses(workdir) -> dict:
+  """Every loss a run logs: per logged interval (TensorBoard) and per epoch (metrics.jsonl)."""
+  epochs = read_metrics(workdir)
+  return {"train": [v for _, v in scalars(workdir)["train/loss"]], "val": list(epochs["val_loss"]),
+          "train_epoch": list(epochs["train_loss"]),
+          "test": json.load(open(os.path.join(workdir, "test_metrics.json")))["test_loss"]}
+
+
+def assert_same_losses(got: dict, want: dict):
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=RTOL, err_msg=key)
+
+
+@pytest.fixture
+def reference(tiny_config):
+  """The run on this process's one device: what every layout must reproduce."""
+  run_lib.train_and_evaluate(wider(tiny_config))
+  return tiny_config, losses(tiny_config.workdir)
+
+
+def test_four_devices_data_parallel_and_fsdp_match_one_device_and_restore_on_one(reference, tmp_path):
+  config, want = reference
+  out = run_child(config, tmp_path / "data4")
+  assert "training on 4 x cpu (cpu) in 1 process(es), mesh data 4 x fsdp 1" in out
+  assert_same_losses(losses(tmp_path / "data4"), want)
+
+  # fsdp=2 x data=2, stopped after epoch 1; its checkpoint then resumes on one device (4 -> 1).
+  out = run_child(config, tmp_path / "fsdp", "--config.mesh.fsdp=2", "--config.training.epochs=1")
+  assert "mesh data 2 x fsdp 2" in out
+  out = run_child(config, tmp_path / "fsdp", "--config.training.epochs=2", devices=1)
+  assert "resuming from" in out and "mesh data 1 x fsdp 1" in out
+  assert_same_losses(losses(tmp_path / "fsdp"), want)
+
+
+def test_two_processes_train_checkpoint_and_resume_as_one_device(reference, tmp_path):
+  """jax.distributed on localhost: 2 processes x 2 CPU devices, fsdp=2 x data=2. Epoch 1, then the
+  same command again for epoch 2 (a resume); only process 0 prints."""
+  config, want = reference
+  workdir = tmp_path / "two"
+  for epochs in (1, 2):
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen(child_args(config, workdir, "--config.mesh.fsdp=2", f"--config.training.epochs={epochs}",
+                                         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                         f"--process_id={i}"),
+                              env=devices_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:] + err[-3000:]
+    assert "training on 4 x cpu (cpu) in 2 process(es), mesh data 2 x fsdp 2" in outs[0][0]
+    assert outs[1][0] == ""  # process 1 says nothing: process 0 speaks for the run
+  assert "resuming from" in outs[0][0]
+  assert_same_losses(losses(workdir), want)
+
+
+def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
+  spec = lambda path, shape, fsdp=4: sharding_lib._leaf_spec(  # noqa: E731
+      [jax.tree_util.DictKey(k) for k in path], jax.ShapeDtypeStruct(shape, np.float32), fsdp)
+  P = jax.sharding.PartitionSpec
+  assert spec(["block_0", "mlp", "kernel"], (256, 1024)) == P(None, "fsdp")
+  assert spec(["embed", "embedding"], (8192, 256)) == P("fsdp", None)
+  assert spec(["embed", "embedding"], (8190, 256)) == P(None, "fsdp")  # 8190 is not divisible by 4
+  assert spec(["blocks", "mlp", "kernel"], (8, 256, 1024)) == P(None, None, "fsdp")
+  assert spec(["blocks", "attn", "kernel"], (64, 256, 256)) == P(None, "fsdp", None)  # not the layer axis
+  assert spec(["block_0", "ln1", "scale"], (256,)) == P()  # small: replicated
+  assert spec(["block_0", "mlp", "kernel"], (256, 1024), fsdp=1) == P()
+  assert spec(["head", "kernel"], (255, 257)) == P()  # no axis divisible
+
+
+@pytest.mark.parametrize("data, fsdp, devices, shape", [(-1, 1, 8, (8, 1)), (-1, 2, 8, (4, 2)), (2, -1, 8, (2, 4)),
+                                                        (1, 1, 1, (1, 1))])
+def test_mesh_axes_fill_the_devices(data, fsdp, devices, shape):
+  config = load_config()
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  assert sharding_lib.mesh_shape(config, devices) == shape
+
+
+@pytest.mark.parametrize("data, fsdp, batch, message", [
+    (3, 1, 6, "'mesh.data' = 3 does not divide the 8 devices"),
+    (2, 2, 4, "mesh.data' x 'mesh.fsdp' = 2 x 2 = 4 devices, but this run has 8"),
+    (-1, 1, 12, "'training.batch_size' = 12 (the global batch) must be divisible by the 8 devices"),
+])
+def test_a_mesh_or_batch_the_devices_cannot_take_is_one_clear_error(data, fsdp, batch, message):
+  config = load_config()
+  config.mesh.data, config.mesh.fsdp, config.training.batch_size = data, fsdp, batch
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    sharding_lib.make_mesh(config, [jax.devices("cpu")[0]] * 8)
