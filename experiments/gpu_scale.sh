@@ -15,7 +15,7 @@ nvidia-smi topo -m | tee -a $OUT/log.txt
 bench="python3 experiments/bench_step.py --config=configs/base.py --vocab_size=32768 --modes=calls \
        --steps_per_call=1 --steps=30 --config.data.seq_length=1024 --config.model.d_model=768 \
        --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --config.model.attention=cudnn"
-run() { echo "## $*" | tee -a $OUT/log.txt; timeout 240 env "$@" > /tmp/run.log 2>&1
+run() { echo "## $*" | tee -a $OUT/log.txt; timeout 150 env "$@" > /tmp/run.log 2>&1
         grep -E '^\{|^compiled|^epoch|^test|^devices|^resum|Error|error' /tmp/run.log | tee -a $OUT/log.txt; }
 for section in "$@"; do
   case $section in
@@ -31,6 +31,8 @@ for section in "$@"; do
       run XLA_FLAGS="$f" $bench --config.training.batch_size=32
     done
     run XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" $bench --config.training.batch_size=32 --config.mesh.fsdp=2 ;;
+  profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
+    run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   scan)  # compile time and speed with the layers scanned (issue 9), 1 GPU and 2
     run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --config.model.scan_layers=true
     run $bench --config.training.batch_size=32 --config.model.scan_layers=true ;;

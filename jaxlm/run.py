@@ -557,7 +557,8 @@ class _Run:
                "best_epoch": loop.best_epoch, "best_val_loss": loop.best_val_loss,
                "num_params": self.s.train.num_params,
                **{f"test_{k}": test[k] for k in evaluate_lib.METRICS},
-               "test_mode": test["mode"], "device": self.s.train.device.device_kind}
+               "test_mode": test["mode"], "device": self.s.train.device.device_kind,
+               "devices": self.s.train.mesh.size}
     if _primary():
       workdir_lib.write_json(os.path.join(self.workdir, "test_metrics.json"), summary)
     print(evaluate_lib.summary_line(f"test (best epoch {loop.best_epoch})", test), flush=True)

@@ -120,12 +120,13 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
   return report(workdir)
 
 
-def _row(point_dir: str, keys: list[str]) -> dict:
-  """The table's row of one point's run directory (a point not finished has its epochs so far)."""
+def run_row(point_dir: str, keys: list[str]) -> dict:
+  """The table's row of one run directory (a sweep's point or any other run; one not finished has
+  its epochs so far), with the config values of `keys`."""
   with open(os.path.join(point_dir, workdir_lib.CONFIG_FILE)) as f:
     flat = config_lib.flatten(json.load(f))
   row = {"point": os.path.basename(point_dir), **{k: flat.get(k) for k in keys}}
-  epochs = _epochs(point_dir)
+  epochs = read_epochs(point_dir)
   test = {}
   if is_finished(point_dir):
     with open(os.path.join(point_dir, "test_metrics.json")) as f:
@@ -158,25 +159,25 @@ def report(workdir: str) -> list[dict]:
           if d.is_dir() and os.path.exists(os.path.join(d.path, workdir_lib.CONFIG_FILE))}
   # The grid's order, then any run directories of earlier sweeps in the same folder.
   dirs = [runs[n] for n in order if n in runs] + sorted(p for n, p in runs.items() if n not in order)
-  rows = [_row(d, keys) for d in dirs]
+  rows = [run_row(d, keys) for d in dirs]
   columns = ["point", *keys, *COLUMNS]
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
     writer.writerows(rows)
   table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] +
-                    ["| " + " | ".join(_cell(r[c]) if c in COLUMNS else str(r[c]) for c in columns) + " |"
+                    ["| " + " | ".join(cell(r[c]) if c in COLUMNS else str(r[c]) for c in columns) + " |"
                      for r in rows])
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   print(table, flush=True)
-  plots = _plot(workdir, dirs)
+  plots = plot(workdir, dirs)
   print(f"sweep: {len(rows)} point(s); {os.path.join(workdir, 'results.md')}, results.csv"
         + (f", {', '.join(plots)}" if plots else " (plots: pip install -e \".[plots]\")"), flush=True)
   return rows
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
   if value is None:
     return ""
   if isinstance(value, int) and not isinstance(value, bool):
@@ -186,8 +187,8 @@ def _cell(value) -> str:
   return str(value)
 
 
-def _plot(workdir: str, dirs: list[str]) -> list[str]:
-  """val_loss.png and train_loss.png, one line per point; [] without matplotlib."""
+def plot(workdir: str, dirs: list[str]) -> list[str]:
+  """val_loss.png and train_loss.png in `workdir`, one line per run directory; [] without matplotlib."""
   try:
     import matplotlib
     import matplotlib.ticker
@@ -217,7 +218,7 @@ def _plot(workdir: str, dirs: list[str]) -> list[str]:
   return written
 
 
-def _epochs(point_dir: str) -> list[dict]:
+def read_epochs(point_dir: str) -> list[dict]:
   """The point's metrics.jsonl records, one per epoch done ([] before the first)."""
   path = os.path.join(point_dir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -227,11 +228,15 @@ def _epochs(point_dir: str) -> list[dict]:
 
 
 def _val_curves(point_dir: str) -> tuple[list, list]:
-  epochs = _epochs(point_dir)
+  epochs = read_epochs(point_dir)
   return [e["epoch"] for e in epochs], [e["val_loss"] for e in epochs]
 
 
 def _train_curve(point_dir: str, accumulator) -> tuple[list, list]:
+  """(steps, train losses) from the run's TensorBoard events; none when they were not kept (e.g. a
+  run directory copied without them)."""
+  if not os.path.isdir(os.path.join(point_dir, "tensorboard")):
+    return [], []
   events = accumulator(os.path.join(point_dir, "tensorboard"))
   events.Reload()
   if "train/loss" not in events.Tags()["scalars"]:

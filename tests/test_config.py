@@ -218,6 +218,10 @@ def test_a_config_saved_before_keys_were_added_still_validates():
     ("more_capacity.py", {"model.d_model": 512, "model.num_layers": 6}),
     ("gpu.py", {"training.batch_size": 32, "model.d_model": 512, "model.num_layers": 6, "model.num_heads": 8,
                 "model.d_ff": 2048}),
+    ("tuned.py", {"training.batch_size": 32, "model.d_model": 384, "model.num_layers": 8, "model.num_heads": 8,
+                  "model.d_ff": 2048, "data.tokenizer.vocab_size": 4096, "model.dropout": 0.3,
+                  "training.weight_decay": 0.1, "training.learning_rate": 6e-4, "training.epochs": 16,
+                  "training.patience": 3}),
 ])
 def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, changes):
   import os

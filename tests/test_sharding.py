@@ -73,9 +73,10 @@ def reference(tiny_config):
   return tiny_config, losses(tiny_config.workdir)
 
 
-def test_four_devices_data_parallel_and_fsdp_match_one_device_and_restore_on_one(reference, tmp_path):
+def test_four_devices_data_parallel_and_fsdp_match_one_device_and_checkpoints_move_4_to_1_and_1_to_4(reference, tmp_path):
   config, want = reference
-  out = run_child(config, tmp_path / "data4")
+  # Evaluation batches of 6 windows become 8 (2 per device), the 2 extra weighted 0: losses stay exact.
+  out = run_child(config, tmp_path / "data4", "--config.training.eval_batch_size=6")
   assert "training on 4 x cpu (cpu) in 1 process(es), mesh data 4 x fsdp 1" in out
   assert_same_losses(losses(tmp_path / "data4"), want)
 
@@ -85,6 +86,14 @@ def test_four_devices_data_parallel_and_fsdp_match_one_device_and_restore_on_one
   out = run_child(config, tmp_path / "fsdp", "--config.training.epochs=2", devices=1)
   assert "resuming from" in out and "mesh data 1 x fsdp 1" in out
   assert_same_losses(losses(tmp_path / "fsdp"), want)
+
+  # And 1 -> 4: epoch 1 on this process's one device, epoch 2 on 4 devices, fsdp 4.
+  one = config.copy_and_resolve_references()
+  one.workdir, one.training.epochs = str(tmp_path / "grow"), 1
+  run_lib.train_and_evaluate(one)
+  out = run_child(config, tmp_path / "grow", "--config.mesh.data=1", "--config.mesh.fsdp=4")
+  assert "resuming from" in out and "mesh data 1 x fsdp 4" in out
+  assert_same_losses(losses(tmp_path / "grow"), want)
 
 
 def test_two_processes_train_checkpoint_and_resume_as_one_device(reference, tmp_path):

@@ -1,6 +1,7 @@
 """jaxlm.sweep (issue: the guide's tuning runs): the grid, resumable points, the results table and plots."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -96,6 +97,12 @@ def test_the_report_draws_the_learning_curves(tiny_config, tmp_path):
     with Image.open(os.path.join(workdir, name)) as image:
       assert image.size == (960, 600)
   assert sweep_lib._train_curve(os.path.join(workdir, "dropout=0.1"), _accumulator())[0][-1] > 0
+  # Run directories copied without their TensorBoard events (as experiments/results keeps them) still
+  # report: the table, and the curves of the runs that have events.
+  shutil.rmtree(os.path.join(workdir, "dropout=0.1", "tensorboard"))
+  rows = sweep_lib.report(workdir)
+  assert [r["status"] for r in rows] == ["finished", "finished"]
+  assert sweep_lib._train_curve(os.path.join(workdir, "dropout=0.1"), _accumulator()) == ([], [])
 
 
 def _accumulator():

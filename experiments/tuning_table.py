@@ -1,0 +1,93 @@
+"""One table and one bits-per-byte plot over every run of a tuning session (issue 11).
+
+    python experiments/tuning_table.py experiments/results/2026-11-30_h200_tuning
+
+The folder holds `guide/<config>/` (the guide's config files, run with `python -m jaxlm.main`) and
+sweep folders (`python -m jaxlm.sweep`, each with its sweep.json and point folders). Writes, in that
+folder: `results.md` and `results.csv` (one row per run, the sweep table's columns from
+`jaxlm.sweep`, plus the vocabulary, since per-token losses of different vocabularies do not compare),
+`val_bpb.png` (validation bits per byte per epoch of the runs named in PLOTTED), and, where the
+guide's runs still have their TensorBoard events, `guide/val_loss.png` and `guide/train_loss.png`.
+"""
+import csv
+import json
+import os
+import sys
+
+from jaxlm import sweep
+
+# Runs drawn in val_bpb.png: the guide's configs, the round-1 centre and best size, the tuned recipe.
+PLOTTED = {
+    "guide/base": "guide: base.py",
+    "guide/lr_5e-4": "guide: lr_5e-4.py",
+    "guide/more_capacity": "guide: more_capacity.py",
+    "guide/gpu": "guide: gpu.py",
+    "r1_reg/dropout=0.3,weight_decay=0.1": "round 1 centre (gpu.py, dropout 0.3, wd 0.1, lr 6e-4)",
+    "r1_size/d_model=384,num_layers=8": "round 1: centre with d384 x 8 layers",
+    "r2/batch_size=32,learning_rate=0.0006,epochs=16,num_layers=8": "tuned.py (round 2: + BPE 4096, 16 epochs)",
+}
+
+
+def _cell(column: str, value) -> str:
+  """Losses and bits per byte to 4 decimals, perplexities to 1, rates and seconds whole."""
+  if isinstance(value, float) and not isinstance(value, bool):
+    digits = 4 if column.endswith(("loss", "bpb")) else 1 if "perplexity" in column else 0
+    return f"{value:,.{digits}f}"
+  return sweep.cell(value)
+
+
+def run_dirs(root: str) -> list[str]:
+  """guide/* in the guide's order, then each sweep's points (sweep folders by name)."""
+  out = [os.path.join(root, "guide", c) for c in ("base", "lr_5e-4", "more_capacity", "gpu")
+         if os.path.isdir(os.path.join(root, "guide", c))]
+  for s in sorted(d.name for d in os.scandir(root) if os.path.exists(os.path.join(d.path, "sweep.json"))):
+    out += sorted(d.path for d in os.scandir(os.path.join(root, s))
+                  if os.path.exists(os.path.join(d.path, "config.json")))
+  return out
+
+
+def main(root: str) -> None:
+  rows = []
+  for d in run_dirs(root):
+    row = sweep.run_row(d, [])  # the sweep table's columns for one run directory
+    with open(os.path.join(d, "config.json")) as f:
+      config = json.load(f)
+    row["point"] = os.path.relpath(d, root)
+    rows.append({"run": row.pop("point"), "vocab": config["data"]["tokenizer"]["vocab_size"], **row})
+  columns = ["run", "vocab", *sweep.COLUMNS]
+  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+  lines += ["| " + " | ".join(_cell(c, r[c]) for c in columns) + " |" for r in rows]
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+  import matplotlib
+  import matplotlib.ticker
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  for run, label in PLOTTED.items():
+    epochs = sweep.read_epochs(os.path.join(root, run))
+    if epochs:
+      ax.plot([e["epoch"] for e in epochs], [e["val_bpb"] for e in epochs], marker="o", markersize=3, label=label)
+  ax.set_xlabel("epoch")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_ylabel("validation bits per byte")
+  ax.set_ylim(top=2.6)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title("wikitext-2-mini, one H200 (2026-11-30)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(os.path.join(root, "val_bpb.png"), dpi=120)
+  plt.close(fig)
+  guide = [d for d in run_dirs(root) if os.path.dirname(d) == os.path.join(root, "guide")]
+  if guide and all(os.path.isdir(os.path.join(d, "tensorboard")) for d in guide):  # else keep the committed PNGs
+    sweep.plot(os.path.join(root, "guide"), guide)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
