@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -169,10 +170,24 @@ def _primary() -> bool:
   return jax.process_index() == 0
 
 
-def _barrier(name: str) -> None:
-  """Waits until every process of the run has come here (nothing to wait for in a single process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def _primary_first(fn: Callable[[], Any], what: str) -> Any:
+  """fn() on process 0 while the others wait for it (they get None): work that must be done once,
+  e.g. writing the data cache. When it fails, every process stops at once, with process 0's error
+  there and a pointer to it elsewhere, instead of waiting for a process that is gone."""
+  if jax.process_count() == 1:
+    return fn()
+  result = error = None
+  if _primary():
+    try:
+      result = fn()
+    except Exception as e:  # re-raised below, once the others know
+      error = e
+  failed = multihost_utils.process_allgather(np.int32(error is not None)).max()  # everyone waits here
+  if error is not None:
+    raise error
+  if failed:
+    raise UserError(f"process 0 failed while {what}: its output says why")
+  return result
 
 
 class _Discard:
@@ -258,8 +273,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   sharding_lib.make_mesh(config, config_lib.select_devices(config))
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
   # make the same one themselves).
-  corpus = data_lib.load(config, verbose=True) if _primary() else None
-  _barrier("data")
+  corpus = _primary_first(lambda: data_lib.load(config, verbose=True), "preparing the data")
   corpus = corpus or data_lib.load(config)
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
@@ -291,13 +305,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
   config = _init_from(config)
   config_lib.validate(config)
   with contextlib.ExitStack() as stack:
-    if _primary():  # the directory and its lock are process 0's; the others wait for them
+
+    def claim():  # the directory and its lock are process 0's
       if fresh:
         _move_aside(config.workdir)
       made = workdir_lib.create(config.workdir)
       stack.callback(workdir_lib.remove_if_unused, config.workdir, made)
       stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
-    _barrier("workdir")
+
+    _primary_first(claim, f"claiming the work directory {config.workdir}")
     setup = _setup(config)
     _print_setup(setup)
     run = _Run(setup, stack)

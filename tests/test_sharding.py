@@ -66,6 +66,16 @@ def assert_same_losses(got: dict, want: dict):
     np.testing.assert_allclose(got[key], want[key], rtol=RTOL, err_msg=key)
 
 
+def start_two_processes(args, env):
+  """Popen of `args` as process 0 and 1 of a jax.distributed run on localhost."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen(args + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                   f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for i in range(2)]
+
+
 @pytest.fixture
 def reference(tiny_config):
   """The run on this process's one device: what every layout must reproduce."""
@@ -73,7 +83,7 @@ def reference(tiny_config):
   return tiny_config, losses(tiny_config.workdir)
 
 
-def test_four_devices_data_parallel_and_fsdp_match_one_device_and_checkpoints_move_4_to_1_and_1_to_4(reference, tmp_path):
+def test_four_devices_data_parallel_and_fsdp_match_one_device_and_checkpoints_move_4_to_1_1_to_4(reference, tmp_path):
   config, want = reference
   # Evaluation batches of 6 windows become 8 (2 per device), the 2 extra weighted 0: losses stay exact.
   out = run_child(config, tmp_path / "data4", "--config.training.eval_batch_size=6")
@@ -102,14 +112,8 @@ def test_two_processes_train_checkpoint_and_resume_as_one_device(reference, tmp_
   config, want = reference
   workdir = tmp_path / "two"
   for epochs in (1, 2):
-    with socket.socket() as s:
-      s.bind(("localhost", 0))
-      port = s.getsockname()[1]
-    procs = [subprocess.Popen(child_args(config, workdir, "--config.mesh.fsdp=2", f"--config.training.epochs={epochs}",
-                                         f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                                         f"--process_id={i}"),
-                              env=devices_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    args = child_args(config, workdir, "--config.mesh.fsdp=2", f"--config.training.epochs={epochs}")
+    procs = start_two_processes(args, devices_env(2))
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
       assert p.returncode == 0, out[-3000:] + err[-3000:]
@@ -117,6 +121,17 @@ def test_two_processes_train_checkpoint_and_resume_as_one_device(reference, tmp_
     assert outs[1][0] == ""  # process 1 says nothing: process 0 speaks for the run
   assert "resuming from" in outs[0][0]
   assert_same_losses(losses(workdir), want)
+
+
+def test_a_failure_on_process_0_stops_both_processes_at_once(tiny_config, tmp_path):
+  """Process 0 alone prepares the data; when that fails, process 1 stops too (not after JAX's
+  5-minute shutdown timeout), each with one line."""
+  procs = start_two_processes(child_args(tiny_config, tmp_path / "run", f"--config.data.data_dir={tmp_path / 'none'}"),
+                              devices_env(2))
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1]
+  assert f"error: data.data_dir '{tmp_path / 'none'}' is not a directory" in outs[0][1]
+  assert "error: process 0 failed while preparing the data: its output says why" in outs[1][1]
 
 
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
