@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm import sharding as sharding_lib
 from jaxlm.data import END_OF_TEXT
 from jaxlm.cli import UserError, naming
 
@@ -240,7 +241,7 @@ def load_gpt2_params(hf_dir: str, like):
       raise ExportError(f"{path}: {name} has shape {list(tensors[name].shape)}, the configured model needs "
                         f"{list(leaf.shape[::-1] if transpose else leaf.shape)}: does config.json match the weights?")
     array = np.asarray(t).astype(leaf.dtype)
-    return jax.device_put(array, leaf.sharding) if isinstance(leaf, jax.Array) else array
+    return sharding_lib.put(array, leaf.sharding) if isinstance(leaf, jax.Array) else array
 
   params = jax.tree_util.tree_map_with_path(load, like)
   used = {name for name, _ in names.values()} | {"lm_head.weight"}  # a tied model's copy of wte is ignored

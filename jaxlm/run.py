@@ -14,6 +14,7 @@ log boundary.
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -180,7 +181,7 @@ def _primary_first(fn: Callable[[], Any], what: str) -> Any:
   if _primary():
     try:
       result = fn()
-    except Exception as e:  # re-raised below, once the others know
+    except BaseException as e:  # a Ctrl-C too: re-raised below, once the others know
       error = e
   failed = multihost_utils.process_allgather(np.int32(error is not None)).max()  # everyone waits here
   if error is not None:
@@ -188,6 +189,11 @@ def _primary_first(fn: Callable[[], Any], what: str) -> Any:
   if failed:
     raise UserError(f"process 0 failed while {what}: its output says why")
   return result
+
+
+# Evaluation batches between two checks that every process agrees there is no stop request (a
+# collective): a stop during validation waits for at most this many batches.
+EVAL_AGREE_EVERY = 8
 
 
 class _Discard:
@@ -210,9 +216,12 @@ class _SaveTimer:
   def saved(self, step: int) -> None:
     self.step, self.time = step, time.monotonic()
 
-  def due(self, step: int) -> bool:
-    return bool(self.every_steps and step - self.step >= self.every_steps or
-                self.every_s and time.monotonic() - self.time >= self.every_s)
+  def due_by_steps(self, step: int) -> bool:
+    return bool(self.every_steps and step - self.step >= self.every_steps)
+
+  def due_by_time(self) -> bool:
+    """The clock's verdict, which processes may not share: a multi-process run agrees on it first."""
+    return bool(self.every_s and time.monotonic() - self.time >= self.every_s)
 
 
 def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
@@ -274,7 +283,8 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
   # make the same one themselves).
   corpus = _primary_first(lambda: data_lib.load(config, verbose=True), "preparing the data")
-  corpus = corpus or data_lib.load(config)
+  if corpus is None:
+    corpus = data_lib.load(config)
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
@@ -333,7 +343,8 @@ class _Run:
     self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
     self.step = int(self.state.step)
     self.jsonl, self.tb = _Discard(), _Discard()
-    if _primary():
+
+    def open_files():  # process 0's
       # The config for people and tools (each checkpoint holds its own), the tokenizer for evaluate,
       # generate and export.
       workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.CONFIG_FILE), self.config.to_dict())
@@ -342,11 +353,13 @@ class _Run:
                                            keep_epochs_up_to=self.loop.epoch)
       self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
       stack.callback(self.tb.close)
+
+    _primary_first(open_files, f"writing the run's files in {self.workdir}")
     t, ts = self.config.training, setup.train
     self.progress = metrics_lib.Progress(setup.total_steps, t.batch_size * self.config.data.seq_length,
                                          ts.flops_per_token, ts.peak_flops)
     self.stop = stack.enter_context(_StopRequest())
-    stack.enter_context(jax.default_device(ts.device))
+    stack.enter_context(jax.default_device(ts.device))  # the odd host-side op (the schedule's value) too
     self.save_timer = _SaveTimer(self.config, self.step)
     self.replicated = sharding_lib.replicated(ts.mesh)
     self.seqs = sharding_lib.put(setup.train_seqs, self.replicated)  # the train split stays on the devices
@@ -362,6 +375,7 @@ class _Run:
       if self.config.model.init_from:
         from jaxlm import export
         params = export.load_gpt2_params(self.config.model.init_from, fresh.params)
+        # In the state's layout (re-stacking scanned layers does not keep it).
         return fresh.replace(params=jax.device_put(params, self.s.train.state_shardings.params)), LoopState()
       return fresh, LoopState()
     meta = self.checkpoints.restore_meta("last")
@@ -401,7 +415,7 @@ class _Run:
       t_epoch = time.perf_counter()
       steps_run, compile_s = self.train_epoch(self.loop.epoch + 1)
       self.end_epoch(self.loop.epoch + 1, t_epoch, steps_run, time.perf_counter() - t_epoch - compile_s)
-      if self.agreed(self.stop.signum, False)[0]:  # arrived while sampling, logging or saving: `last` is this epoch's
+      if self.agreed_stop():  # arrived while sampling, logging or saving: `last` is this epoch's
         self.stopped()
       self.progress.reset(self.step)
 
@@ -418,9 +432,12 @@ class _Run:
       self.state, step_metrics = program(self.state, self.seqs, order, np.int32(self.step - first))
       pending.append(step_metrics)
       self.step, steps_run = self.step + n, steps_run + n
-      signum, save_due = self.agreed(self.stop.signum, self.save_timer.due(self.step))
-      save_due = self.step != end and (signum or save_due)
-      if self.step % t.log_every_steps == 0 or self.step == end or save_due:
+      boundary = self.step % t.log_every_steps == 0 or self.step == end
+      # Several processes compare notes at log boundaries only; one checks after every call.
+      agree = boundary or jax.process_count() == 1
+      signum, late = self.agreed(self.save_timer.due_by_time()) if agree else (None, False)
+      save_due = self.step != end and bool(signum or late or self.save_timer.due_by_steps(self.step))
+      if boundary or save_due:
         # One transfer per interval, [n] per call: the device runs ahead in between.
         self.log_steps(epoch, [dict(zip(m, v)) for m in jax.device_get(pending) for v in zip(*m.values())])
         pending = []
@@ -430,17 +447,20 @@ class _Run:
         self.save("last")
     return steps_run, compile_s
 
-  def agreed(self, signum: int | None, save_due: bool) -> tuple[int | None, bool]:
-    """(signal, save due) as every process sees them: what any one of them saw, at a log boundary
-    (where all compare notes), and nothing in between. In a single process: as given."""
+  def agreed(self, late: bool = False) -> tuple[int | None, bool]:
+    """(the stop signal received, whether a minute-based save is `late`) as every process sees them:
+    what any of them saw. Several processes call this at the same points (log boundaries, epoch
+    ends, every few evaluation batches): it is a collective there. One process: as it sees them."""
+    signum = self.stop.signum
     if jax.process_count() == 1:
-      return signum, save_due
-    if self.step % self.config.training.log_every_steps and self.step % self.s.steps_per_epoch:
-      return None, False
-    seen = multihost_utils.process_allgather(np.array([signum or 0, save_due], np.int32)).max(axis=0)
-    if seen[0] and self.stop.signum is None:
+      return signum, late
+    seen = multihost_utils.process_allgather(np.array([signum or 0, late], np.int32)).max(axis=0)
+    if seen[0] and signum is None:
       self.stop.signum = int(seen[0])  # another process's signal stops this one too
     return int(seen[0]) or None, bool(seen[1])
+
+  def agreed_stop(self) -> int | None:
+    return self.agreed()[0]
 
   def _call_length(self, end: int) -> int:
     """Steps in the next call: steps_per_call, or single steps up to the next point where the host
@@ -531,11 +551,13 @@ class _Run:
   def evaluate(self, split: str, params=None) -> dict | None:
     """Exact metrics of `split` (None if a stop was requested meanwhile)."""
     corpus = self.s.corpus
-    # A batch that every device gets an equal share of; the padding windows are weighted 0. In
-    # several processes a stop waits for the evaluation's end: they could not agree on a batch.
+    # A batch that every device gets an equal share of; the padding windows are weighted 0.
     multiple = sharding_lib.batch_multiple(self.s.train.mesh)
     batch_size = -(-self.config.training.eval_batch_size // multiple) * multiple
-    stop = (lambda: self.stop.signum is not None) if jax.process_count() == 1 else (lambda: False)
+    # Checked before each batch; several processes compare notes before every EVAL_AGREE_EVERY-th
+    # (they walk the same windows, so they call this at the same points).
+    every, batches = (1 if jax.process_count() == 1 else EVAL_AGREE_EVERY), itertools.count()
+    stop = lambda: next(batches) % every == 0 and self.agreed_stop() is not None  # noqa: E731
     return evaluate_lib.evaluate(self.eval_fn, self.state.params if params is None else params,
                                  corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
                                  self.config.data.seq_length, batch_size=batch_size, stop=stop)
@@ -546,11 +568,14 @@ class _Run:
     if not s.max_new_tokens:
       return None, None
     prompt = generate_lib.encode_prompt(self.tokenizer, s.prompt, self.s.train.model.max_seq_length)
-    return generate_lib.make_sampler(self.s.train.model, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                                     self.end_id), prompt
+    sampler = generate_lib.make_sampler(self.s.train.model, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                        self.end_id)
+    # Replicated output: every process can read the tokens, whatever the parameters' layout.
+    return jax.jit(sampler, out_shardings=self.replicated), prompt
 
   def sample(self, epoch: int) -> None:
     """A sample from the fixed prompt, on the console and in TensorBoard (sample.* in the config)."""
+    # Skipped when a stop is under way; several processes, which may not all know yet, all sample.
     if self.sampler is None or (self.stop.signum and jax.process_count() == 1):
       return
     tokens, lengths = self.sampler(self.state.params, *generate_lib.pad_prompts([self.sample_prompt]),

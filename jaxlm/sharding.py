@@ -16,7 +16,7 @@ gradients of the `data` axis cross hosts.
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
 from jaxlm.cli import UsageError, UserError
@@ -35,7 +35,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   for key, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
     if size != -1 and num_devices % size:
       raise config_lib.ConfigError(f"config key '{key}' = {size} does not divide the {num_devices} devices "
-                                   f"of this run")
+                                   f"of this run: use a divisor of {num_devices}, or -1 for what the other "
+                                   f"axis leaves")
   data = num_devices // fsdp if data == -1 else data
   fsdp = num_devices // data if fsdp == -1 else fsdp
   if data * fsdp != num_devices:
@@ -54,7 +55,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> M
         f"config key 'training.batch_size' = {batch_size} (the global batch) must be divisible by the "
         f"{data * fsdp} devices it is split over (mesh.data x mesh.fsdp = {data} x {fsdp}): use a multiple "
         f"of {data * fsdp}, or fewer devices (e.g. CUDA_VISIBLE_DEVICES)")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP))
+  # jax.make_mesh orders the devices by the chips' topology where it matters (TPU slices); on GPUs
+  # it keeps jax.devices()' order, process by process.
+  return jax.make_mesh((data, fsdp), (DATA, FSDP), (AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,6 +8,8 @@ another order).
 """
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
@@ -111,14 +114,18 @@ def test_two_processes_train_checkpoint_and_resume_as_one_device(reference, tmp_
   same command again for epoch 2 (a resume); only process 0 prints."""
   config, want = reference
   workdir = tmp_path / "two"
-  for epochs in (1, 2):
-    args = child_args(config, workdir, "--config.mesh.fsdp=2", f"--config.training.epochs={epochs}")
+  for epochs, saves in ((1, 3), (2, 6)):
+    # Saves every 7 steps between log lines (every 5) land on their steps as in one process: 7, 14,
+    # the epoch's end (20); then 27, 34, 40. Orbax numbers the saves.
+    args = child_args(config, workdir, "--config.mesh.fsdp=2", f"--config.training.epochs={epochs}",
+                      "--config.training.checkpoint_every_steps=7")
     procs = start_two_processes(args, devices_env(2))
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
       assert p.returncode == 0, out[-3000:] + err[-3000:]
     assert "training on 4 x cpu (cpu) in 2 process(es), mesh data 2 x fsdp 2" in outs[0][0]
     assert outs[1][0] == ""  # process 1 says nothing: process 0 speaks for the run
+    assert os.listdir(workdir / "checkpoints" / "last") == [str(saves)]
   assert "resuming from" in outs[0][0]
   assert_same_losses(losses(workdir), want)
 
@@ -132,6 +139,24 @@ def test_a_failure_on_process_0_stops_both_processes_at_once(tiny_config, tmp_pa
   assert [p.returncode for p in procs] == [1, 1]
   assert f"error: data.data_dir '{tmp_path / 'none'}' is not a directory" in outs[0][1]
   assert "error: process 0 failed while preparing the data: its output says why" in outs[1][1]
+
+
+def test_ctrl_c_on_one_process_stops_both_and_saves(tiny_config, tmp_path):
+  """SIGINT to process 1 alone: both processes agree at the next log line, save `last` together and
+  exit 130; the saved step is that log line's."""
+  procs = start_two_processes(child_args(tiny_config, tmp_path / "run", "--config.training.epochs=50"),
+                              devices_env(2))
+  for line in procs[0].stdout:
+    if line.startswith("epoch 2/"):
+      procs[1].send_signal(signal.SIGINT)
+      break
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [130, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
+  stopped = re.search(r"interrupted by SIGINT at step (\d+)", outs[0][0])
+  assert stopped, outs[0][0][-2000:]
+  step = int(stopped.group(1))
+  assert step % tiny_config.training.log_every_steps == 0
+  assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == step
 
 
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
