@@ -204,6 +204,26 @@ class _Discard:
     return lambda *args, **kwargs: None
 
 
+class _FailLater:
+  """Process 0's writer in a multi-process run: a write that fails (a full disk) is kept, and the
+  writer writes no more, until the processes next compare notes (`_Run.agreed`), where all of them
+  stop together. Raised at once, process 0 would leave the others waiting in a collective."""
+
+  def __init__(self, writer):
+    self.writer, self.error = writer, None
+
+  def __getattr__(self, name):
+    method = getattr(self.writer, name)
+
+    def call(*args, **kwargs):
+      if self.error is None:
+        try:
+          method(*args, **kwargs)
+        except OSError as e:
+          self.error = e
+    return call
+
+
 class _SaveTimer:
   """When `last` is due within an epoch: every `checkpoint_every_steps` steps or
   `checkpoint_every_minutes` minutes since the last save, whichever comes first (0 turns one off)."""
@@ -353,6 +373,8 @@ class _Run:
                                            keep_epochs_up_to=self.loop.epoch)
       self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
       stack.callback(self.tb.close)
+      if jax.process_count() > 1:
+        self.jsonl, self.tb = _FailLater(self.jsonl), _FailLater(self.tb)
 
     _primary_first(open_files, f"writing the run's files in {self.workdir}")
     t, ts = self.config.training, setup.train
@@ -454,7 +476,12 @@ class _Run:
     signum = self.stop.signum
     if jax.process_count() == 1:
       return signum, late
-    seen = multihost_utils.process_allgather(np.array([signum or 0, late], np.int32)).max(axis=0)
+    error = next((w.error for w in (self.jsonl, self.tb) if isinstance(w, _FailLater) and w.error), None)
+    seen = multihost_utils.process_allgather(np.array([signum or 0, late, error is not None], np.int32)).max(axis=0)
+    if error is not None:
+      raise error
+    if seen[2]:
+      raise UserError("process 0 could not write the run's metrics: its output says why")
     if seen[0] and signum is None:
       self.stop.signum = int(seen[0])  # another process's signal stops this one too
     return int(seen[0]) or None, bool(seen[1])

@@ -13,8 +13,10 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
   prepare         dies while the tokenized data cache is being written
   sigint:N        SIGINT at step N, and a second SIGINT while the checkpoint it asks for is being saved
   sigint:N:D      SIGINT at step N, and a second one D seconds later
+  tbfull:K        the K-th TensorBoard write of scalars fails: no space left on the device
 The faults are monkeypatches in this process only: jaxlm has no hooks for them.
 """
+import errno
 import os
 import signal
 import sys
@@ -28,6 +30,7 @@ from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
 from jaxlm import main as main_lib
+from jaxlm import metrics as metrics_lib
 from jaxlm import train as train_lib
 
 
@@ -132,6 +135,10 @@ def install(fault: str) -> None:
       on_call(ocp.CheckpointManager, "save", 1, interrupt, when=lambda *a, **kw: bool(sent))  # the save it asks for
     else:
       at_step(int(args[0]), lambda: (interrupt(), later(float(args[1]), interrupt)))
+  elif kind == "tbfull":
+    def full():
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    on_call(metrics_lib.TensorBoard, "scalars", int(args[0]), full, before=True)
   else:
     raise SystemExit(f"unknown fault {fault!r}")
 

@@ -141,6 +141,19 @@ def test_a_failure_on_process_0_stops_both_processes_at_once(tiny_config, tmp_pa
   assert "error: process 0 failed while preparing the data: its output says why" in outs[1][1]
 
 
+def test_a_failed_write_on_process_0_stops_both_processes_at_the_next_log_line(tiny_config, tmp_path):
+  """Only process 0 writes TensorBoard; when its disk is full, both processes stop with one line each
+  at the next log boundary (not by JAX's heartbeat timeout, a minute or more later)."""
+  args = child_args(tiny_config, tmp_path / "run")
+  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "tbfull:2", *args[4:]]
+  procs = start_two_processes(fault, devices_env(2))
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert outs[0][1].strip().splitlines()[-1] == "error: No space left on device"
+  assert outs[1][1].strip().splitlines()[-1] == ("error: process 0 could not write the run's metrics: its output "
+                                                 "says why")
+
+
 def test_ctrl_c_on_one_process_stops_both_and_saves(tiny_config, tmp_path):
   """SIGINT to process 1 alone: both processes agree at the next log line, save `last` together and
   exit 130; the saved step is that log line's."""
