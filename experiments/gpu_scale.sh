@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -33,6 +33,13 @@ for section in "$@"; do
     run XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" $bench --config.training.batch_size=32 --config.mesh.fsdp=2 ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
+  profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --repeats=1 --profile=/tmp/prof_one ;;
+  small)  # the guide's GPU config (16 x 128 tokens per GPU): slower on 2 GPUs than on 1 in a run; why?
+    small="python3 experiments/bench_step.py --config=configs/gpu.py --vocab_size=8192 --modes=calls --steps=320"
+    run CUDA_VISIBLE_DEVICES=0 $small --steps_per_call=1,16
+    run $small --steps_per_call=1,16
+    run $small --steps_per_call=1 --repeats=1 --profile=/tmp/prof_small ;;
   scan)  # compile time and speed with the layers scanned (issue 9), 1 GPU and 2
     run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --config.model.scan_layers=true
     run $bench --config.training.batch_size=32 --config.model.scan_layers=true ;;
