@@ -9,7 +9,6 @@ folder: `results.md` and `results.csv` (one row per run, the sweep table's colum
 `val_bpb.png` (validation bits per byte per epoch of the runs named in PLOTTED), and, where the
 guide's runs still have their TensorBoard events, `guide/val_loss.png` and `guide/train_loss.png`.
 """
-import csv
 import json
 import os
 import sys
@@ -50,20 +49,11 @@ def main(root: str) -> None:
   rows = []
   for d in run_dirs(root):
     row = sweep.run_row(d, [])  # the sweep table's columns for one run directory
+    row.pop("point")  # its folder's name; the path from `root` names it here
     with open(os.path.join(d, "config.json")) as f:
       config = json.load(f)
-    row["point"] = os.path.relpath(d, root)
-    rows.append({"run": row.pop("point"), "vocab": config["data"]["tokenizer"]["vocab_size"], **row})
-  columns = ["run", "vocab", *sweep.COLUMNS]
-  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-  lines += ["| " + " | ".join(_cell(c, r[c]) for c in columns) + " |" for r in rows]
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+    rows.append({"run": os.path.relpath(d, root), "vocab": config["data"]["tokenizer"]["vocab_size"], **row})
+  sweep.write_table(root, rows, ["run", "vocab", *sweep.COLUMNS], _cell)
 
   import matplotlib
   import matplotlib.ticker

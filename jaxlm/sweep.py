@@ -160,21 +160,25 @@ def report(workdir: str) -> list[dict]:
   # The grid's order, then any run directories of earlier sweeps in the same folder.
   dirs = [runs[n] for n in order if n in runs] + sorted(p for n, p in runs.items() if n not in order)
   rows = [run_row(d, keys) for d in dirs]
-  columns = ["point", *keys, *COLUMNS]
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] +
-                    ["| " + " | ".join(cell(r[c]) if c in COLUMNS else str(r[c]) for c in columns) + " |"
-                     for r in rows])
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
-  print(table, flush=True)
+  write_table(workdir, rows, ["point", *keys, *COLUMNS], lambda c, v: cell(v) if c in COLUMNS else str(v))
   plots = plot(workdir, dirs)
   print(f"sweep: {len(rows)} point(s); {os.path.join(workdir, 'results.md')}, results.csv"
         + (f", {', '.join(plots)}" if plots else " (plots: pip install -e \".[plots]\")"), flush=True)
   return rows
+
+
+def write_table(directory: str, rows: list[dict], columns: list[str], format_cell) -> None:
+  """`rows` as `directory`/results.csv (raw values) and results.md (format_cell(column, value)),
+  the markdown also printed."""
+  with open(os.path.join(directory, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  table = "\n".join(["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] +
+                    ["| " + " | ".join(format_cell(c, r[c]) for c in columns) + " |" for r in rows])
+  with open(os.path.join(directory, "results.md"), "w") as f:
+    f.write(table + "\n")
+  print(table, flush=True)
 
 
 def cell(value) -> str:
