@@ -24,25 +24,28 @@ from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
 
 from conftest import BASE_CONFIG, load_config, subprocess_env
-from test_train import read_metrics, scalars
+from test_train import cli_overrides, read_metrics, scalars
 
 RTOL = 2e-5
 
 
+# The tiny config with layers wide enough that fsdp shards their kernels (MIN_SHARDED_SIZE), and the
+# schedule of two epochs of 20 steps, so that a one-epoch run resumes on the same schedule.
+WIDER = {"model.d_model": 64, "model.d_ff": 256, "training.num_steps": 40}
+
+
 def wider(config):
-  """The tiny config with layers wide enough that fsdp shards their kernels (MIN_SHARDED_SIZE)."""
-  config.model.d_model, config.model.d_ff = 64, 256
-  config.training.num_steps = 40  # two epochs of 20 steps: a one-epoch run then resumes on the same schedule
+  for key, value in WIDER.items():
+    node, name = config_lib.lookup(config, key)
+    node[name] = value
   return config
 
 
 def child_args(config, workdir, *extra):
-  return [sys.executable, "-u", "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny",
-          f"--config.data.data_dir={config.data.data_dir}", f"--config.data.raw_dir={config.data.raw_dir}",
-          f"--config.data.processed_dir={config.data.processed_dir}", f"--config.workdir={workdir}",
-          "--config.device=cpu", "--config.model.d_model=64", "--config.model.d_ff=256",
-          "--config.training.num_steps=40", f"--config.training.log_every_steps={config.training.log_every_steps}",
-          *extra]
+  """`python -m jaxlm.main` on `config`'s corpus and settings (as test_train's cli_overrides), made
+  WIDER, in `workdir`."""
+  return [sys.executable, "-u", "-m", "jaxlm.main", f"--config={BASE_CONFIG}:tiny", *cli_overrides(config),
+          f"--config.workdir={workdir}", *(f"--config.{key}={value}" for key, value in WIDER.items()), *extra]
 
 
 def devices_env(count: int) -> dict:
