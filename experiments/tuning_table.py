@@ -80,4 +80,8 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  root = sys.argv[1] if len(sys.argv) == 2 else ""
+  if not (os.path.isdir(root) and run_dirs(root)):
+    raise SystemExit("error: give one folder of tuning runs (guide/<config>/ and sweep folders), e.g. "
+                     "python experiments/tuning_table.py experiments/results/2026-11-30_h200_tuning")
+  main(root)

@@ -109,6 +109,12 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
   if any(explicit) and not all(explicit):
     raise UsageError("--coordinator_address, --num_processes and --process_id go together: give all three "
                      "(or --distributed alone on a cluster JAX detects)")
+  host, _, port = coordinator_address.rpartition(":")
+  if coordinator_address and not (host and port.isdigit()):
+    raise UsageError(f"--coordinator_address={coordinator_address}: write process 0's host:port, e.g. node0:7777")
+  if process_id in (None, 0):  # before stdout is left to process 0 alone: the others keep quiet already
+    how = f"{num_processes} through {coordinator_address}" if all(explicit) else "as the cluster says"
+    print(f"joining the run's processes ({how}; JAX waits up to 5 minutes for all of them)", flush=True)
   try:
     if all(explicit):
       jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -22,6 +22,7 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
+from jaxlm.cli import UsageError
 
 from conftest import BASE_CONFIG, load_config, subprocess_env
 from test_train import cli_overrides, read_metrics, scalars
@@ -187,6 +188,15 @@ def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
   assert spec(["block_0", "ln1", "scale"], (256,)) == P()  # small: replicated
   assert spec(["block_0", "mlp", "kernel"], (256, 1024), fsdp=1) == P()
   assert spec(["head", "kernel"], (255, 257)) == P()  # no axis divisible
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", 2, None, False), "--coordinator_address, --num_processes and --process_id go together"),
+    (("node0", 2, 0, False), "--coordinator_address=node0: write process 0's host:port"),
+])
+def test_bad_process_flags_are_one_clear_error_before_joining(args, message):
+  with pytest.raises(UsageError, match=re.escape(message)):
+    sharding_lib.initialize_processes(*args)
 
 
 @pytest.mark.parametrize("data, fsdp, devices, shape", [(-1, 1, 8, (8, 1)), (-1, 2, 8, (4, 2)), (2, -1, 8, (2, 4)),
