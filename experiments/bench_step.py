@@ -43,7 +43,8 @@ _MODES = flags.DEFINE_list("modes", ["step"], "step and/or calls (see the docstr
 _PER_CALL = flags.DEFINE_list("steps_per_call", ["1"], "for --modes=calls: steps per jitted call")
 _MATMUL = flags.DEFINE_bool("matmul", False, "also time a large matmul in the compute dtype (the chip's rate)")
 _PROFILE = flags.DEFINE_string("profile", "", "trace one timed repeat of each variant into this directory "
-                               "and print the 15 kernels with the most device time")
+                               "and print the kernels with the most device time")
+_KERNELS = flags.DEFINE_integer("profile_kernels", 15, "with --profile: how many kernels to print")
 
 
 def token_pool(config, num_seqs: int) -> np.ndarray:
@@ -86,22 +87,59 @@ def matmul_flops(dtype) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
+def _union(intervals: list) -> list:
+  """Sorted, merged [start, end) intervals."""
+  merged = []
+  for a, b in sorted(intervals):
+    if merged and a <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], b)
+    else:
+      merged.append([a, b])
+  return merged
+
+
+def _covered(spans: list, cover: list) -> float:
+  """Length of the merged `spans` that the merged `cover` overlaps."""
+  total, j = 0.0, 0
+  for a, b in spans:
+    while j < len(cover) and cover[j][1] <= a:
+      j += 1
+    k = j
+    while k < len(cover) and cover[k][0] < b:
+      total += min(b, cover[k][1]) - max(a, cover[k][0])
+      k += 1
+  return total
+
+
 def top_kernels(trace_dir: str, steps: int, count: int = 15) -> list:
-  """[(kernel, microseconds per step, share of device time)] from the trace's perfetto file, the
-  first row being the total: ("all N kernels per step", device-busy microseconds per step, 1)."""
+  """Rows of the trace's perfetto file, per step: first the totals over every GPU ("all N kernels":
+  device-busy microseconds), then per GPU the wall time its kernels span, the time any kernel runs,
+  and the collectives' (NCCL) time that no other kernel overlaps ("exposed"), then the `count`
+  kernels with the most device time, each with its launches per step."""
   (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[-1:]
   with gzip.open(path) as f:
     events = json.load(f)["traceEvents"]
-  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "/device:" in e["args"].get("name", "") and "CPU" not in e["args"]["name"]}
-  times, launches = collections.Counter(), 0
+  gpu_pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M"
+              and e.get("name") == "process_name" and "/device:" in e["args"].get("name", "")
+              and "CPU" not in e["args"]["name"]}
+  times, calls = collections.Counter(), collections.Counter()
+  spans = collections.defaultdict(lambda: ([], []))  # pid -> (compute, collective) intervals
   for e in events:
     if e.get("ph") == "X" and e["pid"] in gpu_pids:
       times[e["name"][:80]] += e["dur"]
-      launches += 1
+      calls[e["name"][:80]] += 1
+      spans[e["pid"]]["nccl" in e["name"].lower()].append((e["ts"], e["ts"] + e["dur"]))
   total = sum(times.values()) or 1
-  return [(f"all {launches / steps:.0f} kernels per step", round(total / steps, 1), 1.0)] + [
-      (name, round(us / steps, 1), round(us / total, 3)) for name, us in times.most_common(count)]
+  rows = [(f"all {sum(calls.values()) / steps:.0f} kernels per step", round(total / steps, 1), 1.0, None)]
+  for pid, (compute, collective) in sorted(spans.items()):
+    busy, comm = _union(compute + collective), _union(collective)
+    comm_us = sum(b - a for a, b in comm)
+    exposed = comm_us - _covered(comm, _union(compute))
+    rows.append((f"{gpu_pids[pid]}: span {(busy[-1][1] - busy[0][0]) / steps:.0f} us, busy "
+                 f"{sum(b - a for a, b in busy) / steps:.0f} us, collectives {comm_us / steps:.0f} us "
+                 f"of which exposed", round(exposed / steps, 1), None, None))
+  return rows + [(name, round(us / steps, 1), round(us / total, 3), round(calls[name] / steps, 1))
+                 for name, us in times.most_common(count)]
 
 
 def main(argv):
@@ -159,8 +197,9 @@ def main(argv):
         final_loss=round(float(m["loss"].reshape(-1)[-1]), 4), peak_mem_mb=round(peak_mem, 1),
         jax=jax.__version__, host=platform.node())), flush=True)
     if _PROFILE.value:
-      for row in top_kernels(f"{_PROFILE.value}/{mode}{k}", steps):
-        print(json.dumps({"kernel": row[0], "us_per_step": row[1], "share": row[2]}), flush=True)
+      for row in top_kernels(f"{_PROFILE.value}/{mode}{k}", steps, _KERNELS.value):
+        print(json.dumps({"kernel": row[0], "us_per_step": row[1], "share": row[2], "per_step": row[3]}),
+              flush=True)
 
 
 if __name__ == "__main__":

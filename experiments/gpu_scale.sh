@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -31,6 +31,29 @@ for section in "$@"; do
       run XLA_FLAGS="$f" $bench --config.training.batch_size=32
     done
     run XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" $bench --config.training.batch_size=32 --config.mesh.fsdp=2 ;;
+  overlap)  # is the gradient all-reduce overlapped with the backward pass? Each profile prints per GPU the
+            # collectives' time that no compute kernel overlaps ("exposed"); 1 GPU first and last
+    p="--steps=20 --profile_kernels=25"
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 $p --profile=/tmp/ov_one
+    run $bench --config.training.batch_size=32 $p --profile=/tmp/ov_dp
+    run JAX_OPTIMIZATION_LEVEL=O1 $bench --config.training.batch_size=32 $p --profile=/tmp/ov_o1
+    run NCCL_PROTO=Simple XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true \
+        --xla_gpu_all_reduce_combine_threshold_bytes=16777216" $bench --config.training.batch_size=32 $p --profile=/tmp/ov_lhs16
+    run XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true \
+        --xla_gpu_all_reduce_combine_threshold_bytes=4194304" $bench --config.training.batch_size=32 $p --profile=/tmp/ov_lhs4
+    run XLA_FLAGS="--xla_gpu_enable_command_buffer=" $bench --config.training.batch_size=32 --steps=20
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --config.model.scan_layers=true --steps=20
+    run JAX_OPTIMIZATION_LEVEL=O1 $bench --config.training.batch_size=32 --config.model.scan_layers=true $p --profile=/tmp/ov_scan
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 ;;
+  channels)  # `overlap` found the reduction hidden (0.15-0.2 ms exposed) but the compute kernels 1.7 ms
+             # slower beside it: fewer NCCL channels (SMs) for it, with each protocol
+    one="$bench --config.training.batch_size=16 --steps=20"; dp="$bench --config.training.batch_size=32 --steps=20"
+    run CUDA_VISIBLE_DEVICES=0 $one
+    run $dp
+    for c in 2 4 8; do run NCCL_MAX_NCHANNELS=$c $dp; done
+    run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=Simple $dp
+    run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=LL128 $dp
+    run CUDA_VISIBLE_DEVICES=0 $one ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|scan|gpt2|torch|train ...   (in the order given)
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|scan|gpt2|torch|train ...   (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
 # One JSON line per measurement on stdout; the runs' metrics files go to $OUT. The corpus, made here:
@@ -34,6 +34,15 @@ for section in "$@"; do
           --config.model.attention=$a --steps=200
       done
     done ;;
+  xlaflags)  # XLA's GEMM choices and effort levels on the GPT-2-small shape and the GPU config
+             # (--xla_gpu_exhaustive_tiling_search=true was tried: it compiles for over 5 minutes)
+    g="$bench $gpt2 --steps=20 --modes=calls"; c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
+    run $g
+    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $g
+    run env JAX_OPTIMIZATION_LEVEL=O1 $g
+    run $c
+    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $c
+    run $g ;;
   final)  # the defaults, back to back with the baseline's torch.compile + bf16
     run $bench $gpt2 --steps=20 --modes=step,calls --steps_per_call=1
     run $bench $gpu --modes=step,calls --steps_per_call=16 --steps=320
