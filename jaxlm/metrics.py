@@ -76,7 +76,11 @@ class TensorBoard:
     os.makedirs(logdir, exist_ok=True)
     self._event = Event
     with naming(logdir):
-      self._writer = EventsWriter(os.path.join(logdir, "events"))
+      # tensorboardX names the file by the second it opens it in and truncates one of that name: a
+      # run resumed within the same second would erase what the stopped run logged. The suffix
+      # numbers the files in the order the runs wrote them, which TensorBoard reads them in (by name).
+      count = sum("tfevents" in name for name in os.listdir(logdir))
+      self._writer = EventsWriter(os.path.join(logdir, "events"), f".{count:04d}")
       self.path = self._writer._file_name
     # TensorBoard hides the points at and after a restart marker's step: what an earlier process
     # logged past the checkpoint this run starts from (all of it when there is none).
