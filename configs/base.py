@@ -29,6 +29,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   data.raw_dir = "data/raw"  # the `datasets` download cache
   data.processed_dir = "data/processed"  # tokenized splits, one folder per source + tokenizer
   data.seq_length = 128  # tokens per training sequence; the model predicts seq_length - 1 of them
+  # False: the train split is cut into the same windows every epoch (as the original guide does).
+  # True: each epoch's windows start at a new offset in [0, seq_length), drawn from (seed, epoch), so
+  # every token comes at other positions and after other context (augmentation for small corpora).
+  data.shift_windows = False
   data.tokenizer = tok = ml_collections.ConfigDict()
   # Exactly one source: a byte-level BPE trained on the train split (the default), an existing
   # tokenizer.json, or a pretrained tokenizer from the hub (e.g. "gpt2").

@@ -47,6 +47,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "data.raw_dir": (str, lambda v: bool(v) or "must name a directory"),
     "data.processed_dir": (str, lambda v: bool(v) or "must name a directory"),
     "data.seq_length": (int, lambda v: v >= 2 or "must be >= 2 (one input and one target token)"),
+    "data.shift_windows": (bool, _ANY),
     "data.tokenizer.vocab_size": (int, lambda v: v >= 258 or "must be >= 258 (256 bytes + specials)"),
     "data.tokenizer.file": (str, _ANY),
     "data.tokenizer.pretrained": (str, _ANY),
@@ -99,7 +100,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 ADDED_KEYS = {
     "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False,
     "training.checkpoint_every_steps": 0, "training.checkpoint_every_minutes": 10.0,
-    "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1,
+    "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1, "data.shift_windows": False,
     "sample.prompt": " The", "sample.max_new_tokens": 48, "sample.temperature": 0.8, "sample.top_k": 200,
     "sample.top_p": 1.0, "sample.seed": 0,
 }

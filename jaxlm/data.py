@@ -359,10 +359,23 @@ def _remove_stale_temporaries(processed_dir: str, age_s: float = 3600) -> None:
 
 
 # ------------------------------------------------------------------------------------------- batches
-def sequences(tokens: np.ndarray, seq_length: int) -> np.ndarray:
-  """[n, seq_length] view of consecutive tokens; the tail shorter than a sequence is dropped."""
-  n = len(tokens) // seq_length
-  return tokens[: n * seq_length].reshape(n, seq_length)
+def sequences(tokens: np.ndarray, seq_length: int, offset: int = 0, count: int | None = None) -> np.ndarray:
+  """[count, seq_length] view of consecutive tokens from `offset` on (count: as many as fit); the
+  tokens before the offset and the tail shorter than a sequence are left out."""
+  n = (len(tokens) - offset) // seq_length if count is None else count
+  return tokens[offset: offset + n * seq_length].reshape(n, seq_length)
+
+
+def num_train_windows(num_tokens: int, seq_length: int, shift: bool) -> int:
+  """Train sequences per epoch: as many as fit, or with data.shift_windows as many as fit from any
+  offset in [0, seq_length), so that every epoch has the same number of steps."""
+  return (num_tokens - (seq_length - 1 if shift else 0)) // seq_length
+
+
+def window_offset(seed: int, epoch: int, seq_length: int) -> int:
+  """Where epoch `epoch`'s train sequences start with data.shift_windows: a pure function of (seed,
+  epoch), like the epoch's order, so a resumed epoch cuts the same windows."""
+  return int(np.random.default_rng([seed, epoch, 1]).integers(seq_length))
 
 
 def steps_per_epoch(num_sequences: int, batch_size: int) -> int:

@@ -75,7 +75,7 @@ class LoopState:
 # Settings a resumed run must share with its checkpoint: they shape the state or the data order.
 _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
                "model.max_seq_length", "model.tie_embeddings", "model.param_dtype", "model.scan_layers",
-               "training.batch_size", "training.seed", "training.decay_all_params")
+               "data.shift_windows", "training.batch_size", "training.seed", "training.decay_all_params")
 
 
 def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:
@@ -245,15 +245,18 @@ class _SaveTimer:
 
 
 def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
-  """The train split as [n, seq_length] sequences; every split checked for enough tokens."""
-  L, B = config.data.seq_length, config.training.batch_size
-  for split, need, what in (("train", B * L, f"one batch of {B} sequences of data.seq_length = {L}"),
+  """The train split as [n, seq_length] sequences from its first token (with data.shift_windows each
+  epoch cuts its own, as many, from its offset); every split checked for enough tokens."""
+  L, B, shift = config.data.seq_length, config.training.batch_size, config.data.shift_windows
+  for split, need, what in (("train", B * L + (L - 1 if shift else 0),
+                             f"one batch of {B} sequences of data.seq_length = {L}"),
                             ("validation", 2, "one token to predict"), ("test", 2, "one token to predict")):
     if len(corpus.tokens[split]) < need:
       raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for {what}. "
                                f"Use more data, or a smaller --config.training.batch_size or "
                                f"--config.data.seq_length.")
-  return data_lib.sequences(corpus.tokens["train"], L)
+  train = corpus.tokens["train"]
+  return data_lib.sequences(train, L, count=data_lib.num_train_windows(len(train), L, shift))
 
 
 def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -278,7 +281,7 @@ class _Setup:
   """Everything a run derives from its config before it touches the work directory."""
   train: train_lib.Setup  # device, dtype, model, schedule, optimizer, fresh state
   corpus: data_lib.Corpus
-  train_seqs: np.ndarray  # [n, seq_length]
+  train_seqs: np.ndarray  # [n, seq_length], from the first token
   steps_per_epoch: int
   num_steps: int  # the schedule's length
   steps_per_call: int
@@ -325,7 +328,8 @@ def _print_setup(s: _Setup) -> None:
   print(f"model: {ts.num_params:,} parameters, {ts.flops_per_token / 1e6:.1f} MFLOP per token (train)")
   print(f"data: {len(s.train_seqs):,} train sequences of {L} tokens -> {s.steps_per_epoch:,} steps per "
         f"epoch of batch {t.batch_size}; {s.total_steps:,} steps in {t.epochs} epochs; schedule "
-        f"{s.num_steps:,} steps (warmup {t.warmup_steps:,})", flush=True)
+        f"{s.num_steps:,} steps (warmup {t.warmup_steps:,})"
+        + ("; the windows start at a new offset every epoch" if s.config.data.shift_windows else ""), flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
@@ -384,7 +388,8 @@ class _Run:
     stack.enter_context(jax.default_device(ts.device))  # the odd host-side op (the schedule's value) too
     self.save_timer = _SaveTimer(self.config, self.step)
     self.replicated = sharding_lib.replicated(ts.mesh)
-    self.seqs = sharding_lib.put(setup.train_seqs, self.replicated)  # the train split stays on the devices
+    # The train split stays on the devices (data.shift_windows: each epoch's windows, cut at its start).
+    self.seqs = None if self.config.data.shift_windows else sharding_lib.put(setup.train_seqs, self.replicated)
     self.programs = {}  # steps per call -> the compiled train_steps
     self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply, ts.mesh, ts.state_shardings.params)
     self.interval = []  # metrics of the logging interval in progress
@@ -447,11 +452,12 @@ class _Run:
     first, end = (epoch - 1) * spe, epoch * spe  # the epoch's steps; self.step > first when resuming
     order = sharding_lib.put(data_lib.epoch_order(t.seed, epoch, len(self.s.train_seqs)).astype(np.int32),
                              self.replicated)
+    seqs = self.epoch_sequences(epoch)
     steps_run, compile_s, pending = 0, 0.0, []
     while self.step < end:
       n = self._call_length(end)
-      program, compile_s = self._program(n, order, compile_s)
-      self.state, step_metrics = program(self.state, self.seqs, order, np.int32(self.step - first))
+      program, compile_s = self._program(n, seqs, order, compile_s)
+      self.state, step_metrics = program(self.state, seqs, order, np.int32(self.step - first))
       pending.append(step_metrics)
       self.step, steps_run = self.step + n, steps_run + n
       boundary = self.step % t.log_every_steps == 0 or self.step == end
@@ -468,6 +474,15 @@ class _Run:
           self.interrupt()
         self.save("last")
     return steps_run, compile_s
+
+  def epoch_sequences(self, epoch: int) -> jax.Array:
+    """[n, seq_length] train sequences of `epoch` on the devices: the split cut once, or with
+    data.shift_windows cut anew from the epoch's offset (a host-to-device copy of the split)."""
+    if self.seqs is not None:
+      return self.seqs
+    L, train = self.config.data.seq_length, self.s.corpus.tokens["train"]
+    offset = data_lib.window_offset(self.config.training.seed, epoch, L)
+    return sharding_lib.put(data_lib.sequences(train, L, offset, len(self.s.train_seqs)), self.replicated)
 
   def agreed(self, late: bool = False) -> tuple[int | None, bool]:
     """(the stop signal received, whether a minute-based save is `late`) as every process sees them:
@@ -498,11 +513,11 @@ class _Run:
       stops.append(self.save_timer.step + t.checkpoint_every_steps)
     return k if self.step + k <= min(stops) else 1
 
-  def _program(self, num_steps: int, order, compile_s: float):
+  def _program(self, num_steps: int, seqs, order, compile_s: float):
     """The compiled train_steps of `num_steps` updates (compiled on first use, and then said so);
     compile_s grows by the compile's seconds, kept out of the throughput figures."""
     if num_steps not in self.programs:
-      self.programs[num_steps], seconds = train_lib.compile_train_steps(self.s.train, self.state, self.seqs, order,
+      self.programs[num_steps], seconds = train_lib.compile_train_steps(self.s.train, self.state, seqs, order,
                                                                         num_steps)
       print(f"compiled the train step ({num_steps} step(s) per call) in {seconds:.1f}s", flush=True)
       compile_s += seconds

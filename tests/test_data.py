@@ -233,6 +233,22 @@ def test_sequences_and_steps():
   assert data_lib.steps_per_epoch(len(seqs), 3) == 3  # the last partial batch is dropped
 
 
+def test_shifted_windows_start_at_a_pure_function_of_seed_and_epoch():
+  """data.shift_windows: every epoch cuts as many windows, from an offset in [0, L) that (seed, epoch)
+  alone decide; offset 0 with that count is the unshifted split less its last window at most."""
+  tokens, L = np.arange(1003, dtype=np.uint16), 10
+  n = data_lib.num_train_windows(len(tokens), L, shift=True)
+  assert n == 99 and data_lib.num_train_windows(len(tokens), L, shift=False) == 100
+  offsets = [data_lib.window_offset(0, e, L) for e in range(1, 21)]
+  assert offsets == [data_lib.window_offset(0, e, L) for e in range(1, 21)]  # deterministic
+  assert all(0 <= o < L for o in offsets) and len(set(offsets)) > 3
+  assert offsets != [data_lib.window_offset(1, e, L) for e in range(1, 21)]  # the seed matters
+  for offset in range(L):
+    seqs = data_lib.sequences(tokens, L, offset, n)
+    assert seqs.shape == (n, L) and seqs[0, 0] == offset and seqs[-1, -1] == offset + n * L - 1
+  np.testing.assert_array_equal(data_lib.sequences(tokens, L, 0, n), data_lib.sequences(tokens, L)[:n])
+
+
 def test_batch_order_is_deterministic_shuffled_and_resumable():
   """Batch i of an epoch, gathered on the device from the epoch's order, without replaying 0..i-1."""
   seqs = np.arange(50 * 4, dtype=np.uint16).reshape(50, 4)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
 from jaxlm import inspect as inspect_lib
+from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
@@ -281,6 +283,24 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
     assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
 
 
+def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
+  """tensorboardX names an event file by the second it opens and truncates an existing one: a run
+  stopped and resumed within one second must still keep the stopped run's points."""
+  logdir = str(tmp_path / "tensorboard")
+  with monkeypatch.context() as m:
+    m.setattr(time, "time", lambda: 1796000000.5)  # both processes open their file in this second
+    first = metrics_lib.TensorBoard(logdir, resume_step=0)
+    first.scalars(5, {"loss": 2.0}, "train")
+    first.close()
+    resumed = metrics_lib.TensorBoard(logdir, resume_step=7)
+    resumed.scalars(10, {"loss": 1.0}, "train")
+    resumed.close()
+  assert first.path != resumed.path and sorted([first.path, resumed.path]) == [first.path, resumed.path]
+  events = EventAccumulator(logdir)
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(5, 2.0), (10, 1.0)]
+
+
 def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_config, tmp_path, monkeypatch,
                                                                         capsys):
   """A lax.scan over k steps (the default on a GPU) makes the same updates as k calls of one step,
@@ -309,6 +329,41 @@ def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_co
   ours, theirs = scalars(tiny_config.workdir)["train/loss"], scalars(reference.workdir)["train/loss"]
   assert [s for s, _ in ours] == [s for s, _ in theirs]  # the interval a stop cut is the resumed run's mean
   assert [p for p in ours if p[0] not in (10,)] == [p for p in theirs if p[0] not in (10,)]
+
+
+def test_shifted_windows_train_on_new_windows_each_epoch_and_resume_exactly(tiny_config, tmp_path, monkeypatch,
+                                                                           capsys):
+  """data.shift_windows: the windows move every epoch (the run differs from the unshifted one from
+  the epoch whose offset is not 0), and a run stopped mid-epoch resumes onto the same windows."""
+  tiny_config.training.epochs = 2
+  unshifted = tiny_config.copy_and_resolve_references()
+  unshifted.workdir = str(tmp_path / "unshifted")
+  run_lib.train_and_evaluate(unshifted)
+  tiny_config.data.shift_windows = True
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "shifted")
+  reference_summary = run_lib.train_and_evaluate(reference)
+  assert "the windows start at a new offset every epoch" in capsys.readouterr().out
+  L, seed = tiny_config.data.seq_length, tiny_config.training.seed
+  assert [data_lib.window_offset(seed, e, L) for e in (1, 2)] != [0, 0]  # else this test shows nothing
+  a, b = read_metrics(reference.workdir), read_metrics(unshifted.workdir)
+  assert not np.allclose(a["train_loss"], b["train_loss"])
+  steps_per_epoch = int(a["global_step"][0])
+  tokens = len(data_lib.load(tiny_config).tokens["train"])
+  assert steps_per_epoch == data_lib.num_train_windows(tokens, L, shift=True) // tiny_config.training.batch_size
+  tiny_config.workdir = str(tmp_path / "interrupted")
+  interrupt_after(monkeypatch, steps_per_epoch + 3)
+  with pytest.raises(run_lib.Interrupted):
+    run_lib.train_and_evaluate(tiny_config)
+  monkeypatch.undo()
+  assert run_lib.train_and_evaluate(tiny_config) == reference_summary
+  vocab = data_lib.load(tiny_config).vocab_size
+  ours, _ = restore(tiny_config.workdir, "last", tiny_config, vocab)
+  theirs, _ = restore(reference.workdir, "last", reference, vocab)
+  assert_same_tree(ours.params, theirs.params)
+  unshifted.workdir = tiny_config.workdir  # the setting shapes the data: no resuming across it
+  with pytest.raises(checkpoint_lib.CheckpointError, match="data.shift_windows True -> False"):
+    run_lib.train_and_evaluate(unshifted)
 
 
 def test_saves_every_n_steps_land_on_their_step_with_several_steps_per_call(tiny_config, monkeypatch):
