@@ -249,7 +249,8 @@ def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
   epoch cuts its own, as many, from its offset); every split checked for enough tokens."""
   L, B, shift = config.data.seq_length, config.training.batch_size, config.data.shift_windows
   for split, need, what in (("train", B * L + (L - 1 if shift else 0),
-                             f"one batch of {B} sequences of data.seq_length = {L}"),
+                             f"one batch of {B} sequences of data.seq_length = {L}"
+                             + (" from any offset (data.shift_windows)" if shift else "")),
                             ("validation", 2, "one token to predict"), ("test", 2, "one token to predict")):
     if len(corpus.tokens[split]) < need:
       raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for {what}. "
