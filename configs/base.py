@@ -93,6 +93,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Optimizer steps per jitted call (a lax.scan over steps gathering their batches on the device).
   # -1: up to 16 on a GPU/TPU for steps under 0.1 TFLOP (shorter than their dispatch), else 1.
   training.steps_per_call = -1
+  # The training loss's output projection and cross-entropy over this many tokens at a time (whole
+  # positions of every row), never holding all [B, L, V] logits: 0 = all at once; -1 = by device
+  # (chunks of 256 on a CPU, where they run faster; all at once elsewhere).
+  training.loss_chunk = -1
 
   # A sample from a fixed prompt at every validation, on the console and in TensorBoard (text), so
   # that you see the model learn. The same sampling settings are jaxlm.generate's defaults.

@@ -98,6 +98,7 @@ class Setup:
   optimizer: optax.GradientTransformation
   state: TrainState  # fresh, sharded over `mesh` by `state_shardings`
   state_shardings: TrainState  # of NamedShardings
+  loss_chunk: int  # tokens per chunk of the training loss's output projection; 0 = all at once
   flops_per_token: float  # training FLOPs (forward + backward), for tokens/s -> MFU
   peak_flops: float | None  # of the whole mesh in `dtype`, when known
 
@@ -118,17 +119,22 @@ def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) ->
   state, shardings = create_train_state(config, model, optimizer, mesh)
   peak = metrics_lib.peak_flops(device, dtype)
   return Setup(config, mesh, device, dtype, model, schedule, optimizer, state, shardings,
-               model_lib.flops_per_token(config, vocab_size), peak and peak * mesh.size)
+               config_lib.loss_chunk(config, device), model_lib.flops_per_token(config, vocab_size),
+               peak and peak * mesh.size)
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def train_step(state: TrainState, tokens_BL: jax.Array, learning_rate_fn: optax.Schedule):
-  """One optimizer update on int32 [B, L] tokens -> (new state, metrics). Pure."""
+def train_step(state: TrainState, tokens_BL: jax.Array, learning_rate_fn: optax.Schedule, loss_chunk: int = 0):
+  """One optimizer update on int32 [B, L] tokens -> (new state, metrics). Pure. loss_chunk: tokens
+  per chunk of the loss's output projection (model.chunked_next_token_loss); 0 = all at once."""
   dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
   def loss_fn(params):
-    logits = state.apply_fn({"params": params}, tokens_BL, deterministic=False, rngs={"dropout": dropout_key})
-    return model_lib.next_token_losses(logits, tokens_BL).mean()
+    apply = functools.partial(state.apply_fn, {"params": params}, tokens_BL, deterministic=False,
+                              rngs={"dropout": dropout_key})
+    if loss_chunk:
+      return model_lib.chunked_next_token_loss(*apply(project=False), tokens_BL, loss_chunk)
+    return model_lib.next_token_losses(apply(), tokens_BL).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),  # before clipping
@@ -143,7 +149,7 @@ def batch_at(seqs_NL: jax.Array, order_N: jax.Array, index: jax.Array, batch_siz
 
 
 def train_steps(state: TrainState, seqs_NL: jax.Array, order_N: jax.Array, first: jax.Array, *,
-                learning_rate_fn: optax.Schedule, batch_size: int, num_steps: int,
+                learning_rate_fn: optax.Schedule, batch_size: int, num_steps: int, loss_chunk: int = 0,
                 batch_sharding: jax.sharding.Sharding | None = None):
   """`num_steps` updates on the epoch's batches first, first + 1, ... -> (state, metrics of each
   step, stacked: [num_steps]). The same updates as `train_step` on those batches one by one. Each
@@ -153,7 +159,7 @@ def train_steps(state: TrainState, seqs_NL: jax.Array, order_N: jax.Array, first
     tokens_BL = batch_at(seqs_NL, order_N, first + i, batch_size)
     if batch_sharding is not None:
       tokens_BL = jax.lax.with_sharding_constraint(tokens_BL, batch_sharding)
-    return train_step(state, tokens_BL, learning_rate_fn)
+    return train_step(state, tokens_BL, learning_rate_fn, loss_chunk)
 
   return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
 
@@ -165,7 +171,8 @@ def compile_train_steps(s: Setup, state: TrainState, seqs_NL: jax.Array, order_N
   compiled function donates the state: its buffers are reused for the new one."""
   replicated = sharding_lib.replicated(s.mesh)
   fn = jax.jit(functools.partial(train_steps, learning_rate_fn=s.schedule, batch_size=s.config.training.batch_size,
-                                 num_steps=num_steps, batch_sharding=sharding_lib.batch(s.mesh)),
+                                 num_steps=num_steps, loss_chunk=s.loss_chunk,
+                                 batch_sharding=sharding_lib.batch(s.mesh)),
                in_shardings=(s.state_shardings, replicated, replicated, replicated),
                out_shardings=(s.state_shardings, replicated), donate_argnums=0)
   t0 = time.perf_counter()

@@ -180,6 +180,18 @@ def test_attention_auto_is_cudnn_on_a_gpu_in_bfloat16_from_256_tokens_on():
   assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "xla"
 
 
+def test_loss_chunk_auto_is_chunks_on_a_cpu_and_all_logits_at_once_elsewhere():
+  import jax
+  c = load_config()
+  assert config_lib.loss_chunk(c, jax.devices("cpu")[0]) == config_lib.CPU_LOSS_CHUNK
+  assert config_lib.loss_chunk(c, _Gpu()) == 0
+  c.training.loss_chunk = 512
+  assert config_lib.loss_chunk(c, _Gpu()) == 512
+  c.training.loss_chunk = -2
+  with pytest.raises(config_lib.ConfigError, match="'training.loss_chunk' = -2 must be >= 0"):
+    config_lib.validate(c)
+
+
 def test_steps_per_call_auto_is_one_on_a_cpu_or_for_big_steps_and_divides_the_log_interval_elsewhere():
   import jax
   c = load_config()

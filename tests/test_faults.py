@@ -212,7 +212,11 @@ def test_double_ctrl_c_quits_cleanly_and_loses_nothing(setting):
   def scenario(fault):
     workdir = root / fault.replace(":", "_")
     done = run(root, fault, args + [f"--config.workdir={workdir}"])
-    assert done.returncode == 130, done.stdout
+    # 130 = 128 + SIGINT; a second Ctrl-C that lands after the run has stopped and said so (Python
+    # shutting down, SIGINT back to its default) ends the process by the signal, which a shell also
+    # reports as 130.
+    stopped = "the checkpoint `last` holds it" in done.stdout
+    assert done.returncode == 130 or (stopped and done.returncode == -signal.SIGINT), done.stdout
     assert "Traceback" not in done.stdout and "SIGINT: stopping" in done.stdout
     readable(str(workdir))
     if len(fault.split(":")) == 2:  # the second Ctrl-C came during the save: the save completed

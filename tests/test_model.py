@@ -83,6 +83,47 @@ def test_cross_entropy_matches_optax_in_value_and_gradient(dtype):
   assert not np.any(np.float32(grad)[:, -1])  # the last position predicts nothing
 
 
+@pytest.mark.parametrize("chunk, tie_embeddings, dtype", [
+    (12, True, jnp.float32), (12, False, jnp.float32),  # 4 positions of the 3 rows per chunk
+    (40, True, jnp.float32), (40, True, jnp.bfloat16),  # 13 positions: not a divisor of 16, so 8
+    (1, True, jnp.float32), (10_000, True, jnp.float32)])  # 1 position; all 16 at once
+def test_chunked_loss_is_the_mean_next_token_loss_in_value_and_gradient(chunk, tie_embeddings, dtype):
+  """model.chunked_next_token_loss (the projection and loss by chunks of positions, gradients made in
+  the forward pass) against the logits at once, through the whole model and any upstream scale."""
+  model, _, state = make_state(small_config(tie_embeddings=tie_embeddings), dtype=dtype)
+  tokens = random_tokens((3, 16))
+
+  def loss(params, chunked):
+    if chunked:
+      return model_lib.chunked_next_token_loss(*model.apply({"params": params}, tokens, project=False), tokens, chunk)
+    return model_lib.next_token_losses(model.apply({"params": params}, tokens), tokens).mean()
+
+  # -2.5: the backward pass scales the gradients the forward pass made by the upstream cotangent.
+  (ours, grads), (reference, expected) = (jax.jit(jax.value_and_grad(lambda p, c=c: -2.5 * loss(p, c)))(state.params)
+                                           for c in (True, False))
+  assert ours.dtype == jnp.float32
+  np.testing.assert_allclose(ours, reference, rtol=1e-6 if dtype == jnp.float32 else 2e-3)
+
+  def close(a, b):  # bfloat16: the two summation orders round differently (within 2% of the largest entry)
+    a, b = np.float32(a), np.float32(b)
+    tolerance = dict(rtol=1e-4, atol=1e-7) if dtype == jnp.float32 else dict(rtol=0, atol=0.02 * np.abs(b).max())
+    np.testing.assert_allclose(a, b, **tolerance)
+
+  jax.tree.map(close, grads, expected)
+  assert float(optax.tree.norm(grads["tok_emb"])) > 1e-3  # the projection's gradient (tied: into the embedding)
+
+
+def test_train_step_with_a_chunked_loss_makes_the_same_update():
+  config = small_config()
+  _, schedule, state = make_state(config, num_steps=100)
+  tokens = random_tokens((4, 16))
+  (s0, m0), (s1, m1) = (jax.jit(functools.partial(train_lib.train_step, learning_rate_fn=schedule, loss_chunk=c))(
+      state, tokens) for c in (0, 16))
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.params, s0.params)
+
+
 def test_parameter_count_of_the_base_config():
   config = load_config()
   model = model_lib.build(config, 8192)
