@@ -65,7 +65,7 @@ def make_variant(s: train_lib.Setup, mode: str, k: int, num_calls: int):
     batches = [sharding_lib.put(pool[i * B:(i + 1) * B], batch) for i in range(num_calls)]
     fn = jax.jit(lambda st, b: train_lib.train_step(st, b, s.schedule, s.loss_chunk),
                  in_shardings=(s.state_shardings, batch), out_shardings=(s.state_shardings, replicated),
-                 donate_argnums=0)
+                 donate_argnums=train_lib.donate_state(s.device))
     t0 = time.perf_counter()
     compiled = fn.lower(s.state, batches[0]).compile()
     return time.perf_counter() - t0, lambda st, i: compiled(st, batches[i])
@@ -159,7 +159,7 @@ def main(argv):
     calls = -(-_STEPS.value // k)
     with jax.default_device(s.device):
       compile_s, call = make_variant(s, mode, k, _WARMUP.value + calls)
-      state = jax.tree.map(jnp.copy, s.state)  # s.state stays for the next variant (calls donate theirs)
+      state = jax.tree.map(jnp.copy, s.state)  # s.state stays for the next variant (donated on accelerators)
       for i in range(_WARMUP.value):
         state, m = call(state, i)
       jax.block_until_ready(m)

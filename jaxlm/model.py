@@ -15,6 +15,7 @@ F d_ff, V vocab.
 """
 import functools
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -22,6 +23,36 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import config as config_lib
+
+
+@jax.custom_vjp
+def _matmul_saving_transposed_input(x_NI: jax.Array, w_IO: jax.Array) -> jax.Array:
+  return jnp.einsum("...i,io->...o", x_NI, w_IO)
+
+
+def _matmul_fwd(x_NI, w_IO):
+  # [I, tokens], laid out so: the weight gradient below is then a row-major matmul, which XLA:CPU's
+  # YNNPACK matmuls need (without it XLA transposes the output's gradient in the backward pass, in a
+  # slow copy fused with its producer). The barrier keeps XLA from folding the transpose back.
+  xt_IN = jax.lax.optimization_barrier(x_NI.reshape(-1, x_NI.shape[-1]).T)
+  return _matmul_saving_transposed_input(x_NI, w_IO), (xt_IN, w_IO)
+
+
+def _matmul_bwd(residuals, g_NO):
+  xt_IN, w_IO = residuals
+  g_TO = g_NO.reshape(-1, g_NO.shape[-1])
+  return (g_NO @ w_IO.T).astype(g_NO.dtype), (xt_IN @ g_TO).astype(w_IO.dtype)
+
+
+_matmul_saving_transposed_input.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+  """nn.Dense's matmul on a CPU: the same product, and a base-config training step 5% faster at
+  batch 2, level at batch 32 (experiments/README.md, "No donation on a CPU, and the CPU's own Dense
+  matmul"). Elsewhere Dense keeps lax.dot_general, whose GPU matmuls read transposed operands in place."""
+  assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and preferred_element_type is None
+  return _matmul_saving_transposed_input(x, w)
 
 
 class Block(nn.Module):
@@ -37,6 +68,7 @@ class Block(nn.Module):
   attention: str  # jax.nn.dot_product_attention's implementation: xla or cudnn
   approximate_gelu: bool  # tanh approximation (GPT-2's "gelu_new") instead of the exact erf
   deterministic: bool  # no dropout
+  dot_general: Callable | None = None  # Dense's matmul: cpu_dot_general on a CPU, else lax's
   scanned: bool = False  # the body of nn.scan over layers: returns (x, None)
 
   @nn.compact
@@ -45,7 +77,7 @@ class Block(nn.Module):
     deterministic = self.deterministic
     dense = lambda features, std, name: nn.Dense(  # noqa: E731
         features, kernel_init=nn.initializers.normal(std), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        param_dtype=self.param_dtype, dot_general=self.dot_general, name=name)
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,  # noqa: E731
                                      param_dtype=self.param_dtype, name=name)
     B, L, D = x_BLD.shape
@@ -104,6 +136,7 @@ class Transformer(nn.Module):
   attention: str = "xla"
   approximate_gelu: bool = False
   scan_layers: bool = False  # one Block traced and compiled, scanned over stacked [num_layers, ...] params
+  dot_general: Callable | None = None  # Dense's matmul: cpu_dot_general on a CPU, else lax's
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, deterministic: bool = True, decode: bool = False,
@@ -132,7 +165,7 @@ class Transformer(nn.Module):
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)
     block = (self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std, self.layer_norm_eps,
-             self.dtype, self.param_dtype, self.attention, self.approximate_gelu, deterministic)
+             self.dtype, self.param_dtype, self.attention, self.approximate_gelu, deterministic, self.dot_general)
     if self.scan_layers:  # params (and a decode cache) stacked on a leading layer axis, under "blocks"
       blocks = nn.scan(Block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=nn.broadcast, length=self.num_layers)
@@ -147,22 +180,25 @@ class Transformer(nn.Module):
         return x_BLD, embedding_VD.astype(self.dtype).T
       return jnp.einsum("bld,vd->blv", x_BLD, embedding_VD.astype(self.dtype))
     head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="head")
+                    param_dtype=self.param_dtype, dot_general=self.dot_general, name="head")
     if not project:  # its kernel, read without applying it (the params exist: init projects)
       return x_BLD, head.variables["params"]["kernel"].astype(self.dtype)
     return head(x_BLD)
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32, attention: str = "xla") -> Transformer:
+def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32, attention: str = "xla",
+          platform: str = "") -> Transformer:
   """The model `config.model` describes, computing in `dtype` with the `attention` kernel (see
-  config.compute_dtype and config.attention_kernel)."""
+  config.compute_dtype and config.attention_kernel), and the matmuls that train fastest on
+  `platform` (a jax.Device's: cpu_dot_general on "cpu")."""
   m = config.model
   return Transformer(
       vocab_size=vocab_size, max_seq_length=config_lib.max_seq_length(config), d_model=m.d_model,
       num_layers=m.num_layers, num_heads=m.num_heads, d_ff=m.d_ff, dropout=m.dropout,
       tie_embeddings=m.tie_embeddings, init_std=m.init_std, scaled_residual_init=m.scaled_residual_init,
       layer_norm_eps=m.layer_norm_eps, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype),
-      attention=attention, approximate_gelu=m.activation == "gelu_tanh", scan_layers=m.scan_layers)
+      attention=attention, approximate_gelu=m.activation == "gelu_tanh", scan_layers=m.scan_layers,
+      dot_general=cpu_dot_general if platform == "cpu" else None)
 
 
 def init_cache(model: Transformer, batch_size: int, length: int):

@@ -113,7 +113,8 @@ def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) ->
   device = config_lib.select_device(config)
   mesh = sharding_lib.make_mesh(config, devices)
   dtype = config_lib.compute_dtype(config, device)
-  model = model_lib.build(config, vocab_size, dtype, config_lib.attention_kernel(config, device, dtype))
+  model = model_lib.build(config, vocab_size, dtype, config_lib.attention_kernel(config, device, dtype),
+                          device.platform)
   schedule = make_schedule(config, num_steps)
   optimizer = make_optimizer(config, schedule)
   state, shardings = create_train_state(config, model, optimizer, mesh)
@@ -164,17 +165,24 @@ def train_steps(state: TrainState, seqs_NL: jax.Array, order_N: jax.Array, first
   return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
 
 
+def donate_state(device: jax.Device) -> tuple[int, ...]:
+  """donate_argnums of a jitted update of the state (argument 0) on `device`'s platform."""
+  return () if device.platform == "cpu" else (0,)
+
+
 def compile_train_steps(s: Setup, state: TrainState, seqs_NL: jax.Array, order_N: jax.Array,
                         num_steps: int) -> tuple[Callable, float]:
   """(`train_steps` of `num_steps` updates compiled for these arguments, the seconds it took): the
   state keeps its shardings, the train split and the order are replicated, the metrics too. The
-  compiled function donates the state: its buffers are reused for the new one."""
+  compiled function donates the state on an accelerator: its buffers are reused for the new one. On
+  a CPU it does not, where memory is plentiful and donating made the base config's batch-2 step
+  5-15% slower (69-70 against 74 ms at best, in alternated rounds; experiments/README.md)."""
   replicated = sharding_lib.replicated(s.mesh)
   fn = jax.jit(functools.partial(train_steps, learning_rate_fn=s.schedule, batch_size=s.config.training.batch_size,
                                  num_steps=num_steps, loss_chunk=s.loss_chunk,
                                  batch_sharding=sharding_lib.batch(s.mesh)),
                in_shardings=(s.state_shardings, replicated, replicated, replicated),
-               out_shardings=(s.state_shardings, replicated), donate_argnums=0)
+               out_shardings=(s.state_shardings, replicated), donate_argnums=donate_state(s.device))
   t0 = time.perf_counter()
   compiled = fn.lower(state, seqs_NL, order_N, jnp.zeros((), jnp.int32)).compile()
   return compiled, time.perf_counter() - t0

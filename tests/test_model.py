@@ -113,6 +113,27 @@ def test_chunked_loss_is_the_mean_next_token_loss_in_value_and_gradient(chunk, t
   assert float(optax.tree.norm(grads["tok_emb"])) > 1e-3  # the projection's gradient (tied: into the embedding)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False), dict(scan_layers=True)])
+def test_cpu_matmuls_compute_the_same_logits_and_gradients(overrides):
+  """model.cpu_dot_general (a CPU's Dense: weight gradients from a transposed copy of the input)
+  against lax.dot_general, through the whole model: the untied head and scanned layers included."""
+  config = small_config(dropout=0.0, **overrides)
+  plain, cpu = (model_lib.build(config, VOCAB, platform=p) for p in ("", "cpu"))
+  assert cpu.dot_general is model_lib.cpu_dot_general and plain.dot_general is None
+  params = plain.init(jax.random.PRNGKey(0), random_tokens((1, 16)))["params"]
+  tokens = random_tokens((3, 16))
+
+  def loss(model, params):
+    return model_lib.next_token_losses(model.apply({"params": params}, tokens), tokens).mean()
+
+  (ours, grads), (reference, expected) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+                                           for m in (cpu, plain))
+  np.testing.assert_allclose(ours, reference, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected)
+  kernels = [v for path, v in jax.tree_util.tree_leaves_with_path(grads) if path[-1].key == "kernel"]
+  assert kernels and all(float(jnp.abs(k).max()) > 0 for k in kernels)
+
+
 def test_train_step_with_a_chunked_loss_makes_the_same_update():
   config = small_config()
   _, schedule, state = make_state(config, num_steps=100)
