@@ -253,7 +253,6 @@ def chunked_next_token_loss(x_BLD: jax.Array, head_DV: jax.Array, tokens_BL: jax
 
 def _chunked_loss_fwd(x_BLD, head_DV, tokens_BL, chunk):
   B, L, D = x_BLD.shape
-  V = head_DV.shape[1]
   P = max(1, min(L, chunk // B))
   while L % P:  # the largest divisor of L up to chunk // B
     P -= 1
@@ -263,17 +262,15 @@ def _chunked_loss_fwd(x_BLD, head_DV, tokens_BL, chunk):
 
   def one_chunk(dhead_DV, inputs):
     x_BPD, targets_BP, weight_P = inputs
-    logits_BPV = (x_BPD @ head_DV).astype(jnp.float32)
-    lse_BP = jax.nn.logsumexp(logits_BPV, axis=-1)
-    label_logit_BP = jnp.take_along_axis(logits_BPV, targets_BP[..., None], axis=-1)[..., 0]
-    onehot_BPV = targets_BP[..., None] == jnp.arange(V)
-    dlogits_BPV = ((jnp.exp(logits_BPV - lse_BP[..., None]) - onehot_BPV) * weight_P[:, None]).astype(x_BLD.dtype)
+    weight_BP = jnp.broadcast_to(weight_P, targets_BP.shape)
+    losses_BP, residuals = _cross_entropy_fwd(x_BPD @ head_DV, targets_BP)
+    dlogits_BPV, _ = _cross_entropy_bwd(residuals, weight_BP)  # in the compute dtype
     dhead_DV = dhead_DV + jnp.einsum("bpd,bpv->dv", x_BPD, dlogits_BPV, preferred_element_type=jnp.float32)
-    return dhead_DV, (((lse_BP - label_logit_BP) * weight_P).sum(), dlogits_BPV @ head_DV.T)
+    return dhead_DV, ((losses_BP * weight_BP).sum(), dlogits_BPV @ head_DV.T)
 
   targets_BL = jnp.roll(tokens_BL, -1, axis=1)
-  dhead_DV, (loss_C, dx_CBPD) = jax.lax.scan(
-      one_chunk, jnp.zeros((D, V), jnp.float32), (by_chunk(x_BLD), by_chunk(targets_BL), weight_L.reshape(L // P, P)))
+  chunks = (by_chunk(x_BLD), by_chunk(targets_BL), weight_L.reshape(L // P, P))
+  dhead_DV, (loss_C, dx_CBPD) = jax.lax.scan(one_chunk, jnp.zeros(head_DV.shape, jnp.float32), chunks)
   dx_BLD = dx_CBPD.swapaxes(0, 1).reshape(B, L, D)
   return loss_C.sum(), (dx_BLD, dhead_DV.astype(head_DV.dtype))
 
