@@ -91,12 +91,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 0
   training.checkpoint_every_minutes = 10.0
   # Optimizer steps per jitted call (a lax.scan over steps gathering their batches on the device).
-  # -1: up to 16 on a GPU/TPU for steps under 0.1 TFLOP (shorter than their dispatch), else 1.
+  # -1: up to 16 on a GPU/TPU for steps under 0.1 TFLOP per device (1 TFLOP per device on several
+  # devices), whose work is shorter than their dispatch; else 1.
   training.steps_per_call = -1
   # The training loss's output projection and cross-entropy over this many tokens at a time (whole
   # positions of every row), never holding all [B, L, V] logits: 0 = all at once; -1 = by device
   # (chunks of 256 on a CPU, where they run faster; all at once elsewhere).
   training.loss_chunk = -1
+  # The training step's matmuls on a GPU: "xla" (XLA times Triton's and cuBLAS's kernels for each and
+  # keeps the faster), "cublas" (cuBLAS alone), or "auto": cublas for steps of 1 TFLOP or more per
+  # GPU, where it trains faster; xla below. Other devices ignore "auto" and "xla".
+  training.gpu_matmuls = "auto"
 
   # A sample from a fixed prompt at every validation, on the console and in TensorBoard (text), so
   # that you see the model learn. The same sampling settings are jaxlm.generate's defaults.

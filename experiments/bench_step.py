@@ -67,7 +67,7 @@ def make_variant(s: train_lib.Setup, mode: str, k: int, num_calls: int):
                  in_shardings=(s.state_shardings, batch), out_shardings=(s.state_shardings, replicated),
                  donate_argnums=train_lib.donate_state(s.device))
     t0 = time.perf_counter()
-    compiled = fn.lower(s.state, batches[0]).compile()
+    compiled = fn.lower(s.state, batches[0]).compile(s.compiler_options)
     return time.perf_counter() - t0, lambda st, i: compiled(st, batches[i])
   seqs, order = sharding_lib.put(pool, replicated), sharding_lib.put(np.arange(len(pool), dtype=np.int32), replicated)
   program, compile_s = train_lib.compile_train_steps(s, s.state, seqs, order, k)
@@ -187,7 +187,8 @@ def main(argv):
     print(json.dumps(dict(
         impl="jaxlm", mode=mode, steps_per_call=k, device=s.device.platform, device_name=s.device.device_kind,
         devices=s.mesh.size, mesh=dict(s.mesh.shape), per_device_batch=B // s.mesh.size,
-        dtype=jnp.dtype(s.dtype).name, attention=s.model.attention, loss_chunk=s.loss_chunk, batch_size=B, seq_length=L,
+        dtype=jnp.dtype(s.dtype).name, attention=s.model.attention, loss_chunk=s.loss_chunk,
+        gpu_matmuls=s.gpu_matmuls, batch_size=B, seq_length=L,
         d_model=config.model.d_model, num_layers=config.model.num_layers, vocab_size=_VOCAB.value,
         params=s.num_params, steps=steps, ms_per_step=round(1000 * dt / steps, 3),
         tokens_per_s=round(tokens_per_s, 1), model_tflops=round(tokens_per_s * flops / 1e12, 3),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -54,6 +54,28 @@ for section in "$@"; do
     run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=Simple $dp
     run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=LL128 $dp
     run CUDA_VISIBLE_DEVICES=0 $one ;;
+  triton)  # cuBLAS for every matmul (XLA_FLAGS=--xla_gpu_enable_triton_gemm=false: 2.5% faster on one GPU at
+           # this shape, gpu_speed.sh decide), on 1 GPU and 2, back to back with the defaults
+    nt="XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16
+    run $bench --config.training.batch_size=32
+    run CUDA_VISIBLE_DEVICES=0 $nt $bench --config.training.batch_size=16
+    run $nt $bench --config.training.batch_size=32
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 ;;
+  hlo)  # the 1-GPU and 2-GPU training programs after XLA's optimizations, to read offline (which dots
+        # change their operands' layouts once partitioned)
+    d="--xla_dump_hlo_as_text"
+    run CUDA_VISIBLE_DEVICES=0 XLA_FLAGS="--xla_dump_to=/tmp/hlo1 $d" $bench --config.training.batch_size=16 --steps=2 --repeats=1
+    run XLA_FLAGS="--xla_dump_to=/tmp/hlo2 $d" $bench --config.training.batch_size=32 --steps=2 --repeats=1
+    ls -la /tmp/hlo1 /tmp/hlo2 | head -20
+    tar -czf $OUT/hlo.tgz $(find /tmp/hlo1 /tmp/hlo2 -name '*after_optimizations.txt' -size +200k) ;;
+  verify)  # the defaults chosen from `triton` and `small`: cuBLAS matmuls for the GPT-2-small shape on 1
+           # GPU and 2, then a whole 2-epoch run of the GPU config on 2 GPUs (now 10 steps per call)
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 --repeats=2
+    run $bench --config.training.batch_size=32 --steps=20 --repeats=2
+    run python3 -m jaxlm.main --config=configs/gpu.py --config.data.data_dir=.gpu/wikitext-2-x5 \
+        --config.workdir=/tmp/runv --config.training.epochs=2 --config.sample.max_new_tokens=0
+    cp /tmp/runv/metrics.jsonl $OUT/verify_2gpu_metrics.jsonl ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)

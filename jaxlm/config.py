@@ -87,6 +87,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "training.checkpoint_every_minutes": (float, _non_negative),
     "training.steps_per_call": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 to choose by device"),
     "training.loss_chunk": (int, lambda v: v >= -1 or "must be >= 0 (0: all at once), or -1 to choose by device"),
+    "training.gpu_matmuls": (str, _one_of("auto", "xla", "cublas")),
     "sample.prompt": (str, _ANY),
     "sample.max_new_tokens": (int, _non_negative),
     "sample.temperature": (float, _non_negative),
@@ -102,7 +103,7 @@ ADDED_KEYS = {
     "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False,
     "training.checkpoint_every_steps": 0, "training.checkpoint_every_minutes": 10.0,
     "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1, "data.shift_windows": False,
-    "training.loss_chunk": -1,
+    "training.loss_chunk": -1, "training.gpu_matmuls": "xla",
     "sample.prompt": " The", "sample.max_new_tokens": 48, "sample.temperature": 0.8, "sample.top_k": 200,
     "sample.top_p": 1.0, "sample.seed": 0,
 }
@@ -254,8 +255,9 @@ def attention_kernel(config: ml_collections.ConfigDict, device: jax.Device, dtyp
 
 # Tokens per chunk of the training loss's output projection on a CPU (see experiments/README.md,
 # "The loss by chunks"): the base config's batch-32 step is 12-15% faster than with [B, L, V]
-# logits at once (1.25-1.33 against 1.46-1.58 s), level at batch 2. On a GPU the logits stay whole
-# until chunks are measured there.
+# logits at once (1.25-1.33 against 1.46-1.58 s), level at batch 2. On an H200 chunks did not help
+# (GPT-2-small shape 34.00 against 33.83-33.92 ms, GPU config 4.31 against 4.18-4.22 ms): the logits
+# stay whole there.
 CPU_LOSS_CHUNK = 256
 
 
@@ -267,21 +269,52 @@ def loss_chunk(config: ml_collections.ConfigDict, device: jax.Device) -> int:
   return CPU_LOSS_CHUNK if device.platform == "cpu" else 0
 
 
-# Updates per jitted call on an accelerator for steps of under SMALL_STEP_FLOPS, which take less GPU
-# time than Python's dispatch of them (see experiments/README.md, "Speed"): the guide's base config
-# at batch 2 (8.5 GFLOP per step) trains 1.9x faster with 10 steps per call on an H200; its GPU
-# config (590 GFLOP per step) gains nothing, and a second program (single steps) would cost a compile.
+# XLA lets Triton and cuBLAS compete for each matmul on a GPU ("xla"), and fuses Triton's with their
+# neighbours. For steps of CUBLAS_MIN_STEP_FLOPS or more per device, cuBLAS alone was faster on an
+# H200 (experiments/README.md, "Speed"): the GPT-2-small shape (12.6 TFLOP per GPU) by 2.0-2.6% on 1
+# and on 2 GPUs, with 1.15 GB less memory and a shorter compile; the GPU config (0.59 TFLOP) was 4%
+# slower with it.
+CUBLAS_MIN_STEP_FLOPS = 1e12
+
+
+def gpu_matmuls(config: ml_collections.ConfigDict, device: jax.Device, flops_per_device_step: float) -> str:
+  """training.gpu_matmuls on `device` for a training step of `flops_per_device_step` per device:
+  auto is "cublas" on a GPU for steps of CUBLAS_MIN_STEP_FLOPS or more, else "xla"; off a GPU "xla"."""
+  choice = config.training.gpu_matmuls
+  if choice == "cublas" and device.platform != "gpu":
+    raise ConfigError(f"config key 'training.gpu_matmuls' = 'cublas' needs an NVIDIA GPU (here: "
+                      f"{device.platform}). Use --config.training.gpu_matmuls=auto.")
+  if choice == "auto":
+    return "cublas" if device.platform == "gpu" and flops_per_device_step >= CUBLAS_MIN_STEP_FLOPS else "xla"
+  return choice
+
+
+def compiler_options(gpu_matmuls: str) -> dict:
+  """XLA's options for compiling a training step with `gpu_matmuls` (see gpu_matmuls)."""
+  return {"xla_gpu_enable_triton_gemm": False} if gpu_matmuls == "cublas" else {}
+
+
+# Updates per jitted call on an accelerator for steps whose devices' work takes less time than
+# Python's dispatch of them (see experiments/README.md, "Speed" and "Several GPUs"): the guide's
+# base config at batch 2 (8.5 GFLOP per step) trains 1.9x faster with 10 steps per call on an H200,
+# and its GPU config (590 GFLOP per step) gains nothing on one H200 (where a second program, single
+# steps for an epoch's last ones, would cost a compile) but 1.17x on two (295 GFLOP per GPU; 4.27
+# against 3.64 ms per step): dispatching a step to several devices costs the host more.
 ACCELERATOR_STEPS_PER_CALL = 16
-SMALL_STEP_FLOPS = 1e11
+SMALL_STEP_FLOPS = 1e11  # per device, on one device
+SMALL_STEP_FLOPS_SEVERAL_DEVICES = 1e12  # per device, on a mesh of several
 
 
-def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device, flops_per_step: float) -> int:
-  """training.steps_per_call; auto (-1): one on a CPU or for a step of SMALL_STEP_FLOPS or more, else
-  the largest divisor of training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL (calls then end on
-  logging boundaries without a shorter call in between)."""
+def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device, flops_per_device_step: float,
+                   num_devices: int = 1) -> int:
+  """training.steps_per_call; auto (-1): one on a CPU or for a step of SMALL_STEP_FLOPS or more per
+  device (SMALL_STEP_FLOPS_SEVERAL_DEVICES on several devices), else the largest divisor of
+  training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL (calls then end on logging boundaries
+  without a shorter call in between)."""
   if config.training.steps_per_call != -1:
     return config.training.steps_per_call
-  if device.platform == "cpu" or flops_per_step >= SMALL_STEP_FLOPS:
+  small = SMALL_STEP_FLOPS_SEVERAL_DEVICES if num_devices > 1 else SMALL_STEP_FLOPS
+  if device.platform == "cpu" or flops_per_device_step >= small:
     return 1
   every = config.training.log_every_steps
   return max(k for k in range(1, ACCELERATOR_STEPS_PER_CALL + 1) if every % k == 0)

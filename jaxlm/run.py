@@ -303,6 +303,7 @@ class _Setup:
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
   # A device, a mesh or an attention kernel that cannot work fails before the data is read.
   config_lib.compute_dtype(config, config_lib.select_device(config))
+  config_lib.gpu_matmuls(config, config_lib.select_device(config), 0.0)
   sharding_lib.make_mesh(config, config_lib.select_devices(config))
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
   # make the same one themselves).
@@ -313,9 +314,8 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
   train = train_lib.setup(config, corpus.vocab_size, num_steps)
-  flops_per_step = train.flops_per_token * config.training.batch_size * config.data.seq_length
   return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
-                config_lib.steps_per_call(config, train.device, flops_per_step))
+                config_lib.steps_per_call(config, train.device, train.flops_per_device_step, train.mesh.size))
 
 
 def _print_setup(s: _Setup) -> None:
@@ -325,7 +325,8 @@ def _print_setup(s: _Setup) -> None:
         f"in {jax.process_count()} process(es), mesh data {mesh.shape[sharding_lib.DATA]} x fsdp "
         f"{mesh.shape[sharding_lib.FSDP]}, compute dtype {jnp.dtype(ts.dtype).name}, {ts.model.attention} "
         f"attention, {s.steps_per_call} step(s) per call, loss "
-        + (f"in chunks of {ts.loss_chunk} tokens" if ts.loss_chunk else "on all logits at once"), flush=True)
+        + (f"in chunks of {ts.loss_chunk} tokens" if ts.loss_chunk else "on all logits at once")
+        + (", cuBLAS matmuls" if ts.gpu_matmuls == "cublas" else ""), flush=True)
   print(f"config:\n{s.config}", flush=True)
   print(f"model: {ts.num_params:,} parameters, {ts.flops_per_token / 1e6:.1f} MFLOP per token (train)")
   print(f"data: {len(s.train_seqs):,} train sequences of {L} tokens -> {s.steps_per_epoch:,} steps per "

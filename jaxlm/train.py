@@ -99,12 +99,18 @@ class Setup:
   state: TrainState  # fresh, sharded over `mesh` by `state_shardings`
   state_shardings: TrainState  # of NamedShardings
   loss_chunk: int  # tokens per chunk of the training loss's output projection; 0 = all at once
+  gpu_matmuls: str  # "xla" or "cublas" (config.gpu_matmuls): XLA's options for compiling the step
   flops_per_token: float  # training FLOPs (forward + backward), for tokens/s -> MFU
+  flops_per_device_step: float  # a step's training FLOPs on each device of the mesh
   peak_flops: float | None  # of the whole mesh in `dtype`, when known
 
   @property
   def num_params(self) -> int:
     return model_lib.count_params(self.state.params)
+
+  @property
+  def compiler_options(self) -> dict:
+    return config_lib.compiler_options(self.gpu_matmuls)
 
 
 def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) -> Setup:
@@ -119,9 +125,11 @@ def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) ->
   optimizer = make_optimizer(config, schedule)
   state, shardings = create_train_state(config, model, optimizer, mesh)
   peak = metrics_lib.peak_flops(device, dtype)
+  flops_per_token = model_lib.flops_per_token(config, vocab_size)
+  flops_per_device_step = flops_per_token * config.training.batch_size * config.data.seq_length / mesh.size
   return Setup(config, mesh, device, dtype, model, schedule, optimizer, state, shardings,
-               config_lib.loss_chunk(config, device), model_lib.flops_per_token(config, vocab_size),
-               peak and peak * mesh.size)
+               config_lib.loss_chunk(config, device), config_lib.gpu_matmuls(config, device, flops_per_device_step),
+               flops_per_token, flops_per_device_step, peak and peak * mesh.size)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -184,5 +192,5 @@ def compile_train_steps(s: Setup, state: TrainState, seqs_NL: jax.Array, order_N
                in_shardings=(s.state_shardings, replicated, replicated, replicated),
                out_shardings=(s.state_shardings, replicated), donate_argnums=donate_state(s.device))
   t0 = time.perf_counter()
-  compiled = fn.lower(state, seqs_NL, order_N, jnp.zeros((), jnp.int32)).compile()
+  compiled = fn.lower(state, seqs_NL, order_N, jnp.zeros((), jnp.int32)).compile(s.compiler_options)
   return compiled, time.perf_counter() - t0

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 
 import jax
 import ml_collections
@@ -115,8 +116,9 @@ def _same_file(fd: int, path: str) -> bool:
 
 def write_atomically(path: str, write) -> None:
   """write(temporary path), then a rename over `path`: the file is whole or as it was. An OSError
-  names `path`."""
-  tmp = path + ".tmp"
+  names `path`. Each call writes its own temporary file, so that processes writing the same file at
+  once (sweeps sharing a --workdir) never rename or delete each other's: the last rename wins."""
+  tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
   try:
     with naming(path):
       write(tmp)

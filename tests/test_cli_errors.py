@@ -79,6 +79,8 @@ def cases(root, overrides):
       ("stray argument", main + ["extra"], 2, "error: unexpected arguments: extra"),
       ("bad value", at_run + ["--config.model.d_model=33"], 1,
        "error: config key 'model.d_model' = 33 must be divisible by 'model.num_heads' = 2"),
+      ("cuBLAS off a GPU", main + ["--config.training.gpu_matmuls=cublas", f"--config.workdir={root / 'other_4'}"], 1,
+       "error: config key 'training.gpu_matmuls' = 'cublas' needs an NVIDIA GPU (here: cpu)"),
       ("work directory is a file", main + [f"--config.workdir={root / 'a_file'}"], 1,
        f"error: cannot use '{root / 'a_file'}' as the work directory"),
       ("data_dir missing", at_run[:3] + [f"--config.data.data_dir={root / 'nowhere'}", *overrides[1:],

@@ -192,6 +192,26 @@ def test_loss_chunk_auto_is_chunks_on_a_cpu_and_all_logits_at_once_elsewhere():
     config_lib.validate(c)
 
 
+def test_gpu_matmuls_auto_is_cublas_alone_for_big_steps_on_a_gpu_and_xla_elsewhere():
+  import jax
+  c = load_config()
+  gpt2_small, gpu_config = 1.26e13, 5.9e11  # FLOPs per device and step
+  assert config_lib.gpu_matmuls(c, _Gpu(), gpt2_small) == "cublas"
+  assert config_lib.gpu_matmuls(c, _Gpu(), gpu_config) == "xla"
+  assert config_lib.gpu_matmuls(c, jax.devices("cpu")[0], gpt2_small) == "xla"
+  assert config_lib.compiler_options("cublas") == {"xla_gpu_enable_triton_gemm": False}
+  assert config_lib.compiler_options("xla") == {}
+  c.training.gpu_matmuls = "xla"
+  assert config_lib.gpu_matmuls(c, _Gpu(), gpt2_small) == "xla"
+  c.training.gpu_matmuls = "cublas"
+  assert config_lib.gpu_matmuls(c, _Gpu(), gpu_config) == "cublas"
+  with pytest.raises(config_lib.ConfigError, match="'training.gpu_matmuls' = 'cublas' needs an NVIDIA GPU"):
+    config_lib.gpu_matmuls(c, jax.devices("cpu")[0], gpu_config)
+  c.training.gpu_matmuls = "triton"
+  with pytest.raises(config_lib.ConfigError, match="'training.gpu_matmuls' = 'triton'"):
+    config_lib.validate(c)
+
+
 def test_steps_per_call_auto_is_one_on_a_cpu_or_for_big_steps_and_divides_the_log_interval_elsewhere():
   import jax
   c = load_config()
@@ -203,6 +223,11 @@ def test_steps_per_call_auto_is_one_on_a_cpu_or_for_big_steps_and_divides_the_lo
   assert config_lib.steps_per_call(c, _Gpu(), small) == 16
   c.training.log_every_steps = 7
   assert config_lib.steps_per_call(c, _Gpu(), small) == 7
+  # On several devices the host's dispatch of a step takes longer: the GPU config's 295 GFLOP per
+  # device on two GPUs is still a small step, GPT-2-small's 6.3 TFLOP per device is not.
+  assert config_lib.steps_per_call(c, _Gpu(), big / 2, num_devices=2) == 7
+  assert config_lib.steps_per_call(c, _Gpu(), 6.3e12, num_devices=2) == 1
+  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], small, num_devices=4) == 1
   c.training.steps_per_call = 5
   assert config_lib.steps_per_call(c, jax.devices("cpu")[0], big) == 5
   c.training.steps_per_call = 0
@@ -231,9 +256,9 @@ def test_a_config_saved_before_keys_were_added_still_validates():
     ("gpu.py", {"training.batch_size": 32, "model.d_model": 512, "model.num_layers": 6, "model.num_heads": 8,
                 "model.d_ff": 2048}),
     ("tuned.py", {"training.batch_size": 32, "model.d_model": 384, "model.num_layers": 8, "model.num_heads": 8,
-                  "model.d_ff": 2048, "data.tokenizer.vocab_size": 4096, "model.dropout": 0.3,
-                  "training.weight_decay": 0.1, "training.learning_rate": 6e-4, "training.epochs": 16,
-                  "training.patience": 3}),
+                  "model.d_ff": 2048, "data.tokenizer.vocab_size": 4096, "data.shift_windows": True,
+                  "model.dropout": 0.2, "training.weight_decay": 0.3, "training.learning_rate": 6e-4,
+                  "training.epochs": 24, "training.patience": 3}),
 ])
 def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, changes):
   import os

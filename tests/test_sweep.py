@@ -1,13 +1,16 @@
 """jaxlm.sweep (issue: the guide's tuning runs): the grid, resumable points, the results table and plots."""
 import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from jaxlm import sweep as sweep_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.cli import UsageError
 
 from conftest import BASE_CONFIG, subprocess_env
@@ -121,3 +124,26 @@ def test_the_command_line_refuses_a_bad_sweep_before_any_run(tmp_path):
   report = subprocess.run([sys.executable, "-m", "jaxlm.sweep", "--report", f"--workdir={tmp_path}"],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert report.returncode == 1 and report.stderr.strip().startswith(f"error: {tmp_path} holds no sweep")
+
+
+def test_sweeps_sharing_a_workdir_write_its_files_without_clashing(tmp_path):
+  """Several sweeps into one --workdir at once (one per GPU lane) each rewrite sweep.json: no writer
+  may rename or delete another's temporary file, and the file is always one whole JSON document."""
+  path = str(tmp_path / "sweep.json")
+  errors = []
+
+  def writer(i):
+    try:
+      for j in range(200):
+        workdir_lib.write_json(path, {"writer": i, "write": j, "padding": "x" * 4096})
+    except OSError as e:
+      errors.append(e)
+
+  threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  assert json.load(open(path))["write"] == 199
+  assert os.listdir(tmp_path) == ["sweep.json"]  # no temporary file left behind
