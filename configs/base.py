@@ -45,7 +45,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.num_layers = 4
   model.num_heads = 4
   model.d_ff = 1024
-  model.dropout = 0.1
+  model.dropout = 0.1  # on the embeddings and on each residual branch's output, as the guide
+  # On the attention probabilities too (none in the guide). Training then computes attention unfused,
+  # with [batch, heads, length, length] scores, whatever model.attention says; evaluation does not.
+  model.attention_dropout = 0.0
   model.max_seq_length = -1  # learned positions; -1: data.seq_length
   model.tie_embeddings = True  # output projection = token embedding transposed
   model.init_std = 0.02

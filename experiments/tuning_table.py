@@ -15,8 +15,8 @@ import sys
 
 from jaxlm import sweep
 
-# Runs drawn in val_bpb.png: the guide's configs, the round-1 centre and best size, round 2's recipe,
-# the tuned recipe (configs/tuned.py).
+# Runs drawn in val_bpb.png: the guide's configs, the round-1 centre and best size, the recipes of
+# rounds 2 and 5, the tuned recipe (configs/tuned.py).
 PLOTTED = {
     "guide/base": "guide: base.py",
     "guide/lr_5e-4": "guide: lr_5e-4.py",
@@ -26,7 +26,8 @@ PLOTTED = {
     "r1_size/d_model=384,num_layers=8": "round 1: centre with d384 x 8 layers",
     "r2/batch_size=32,learning_rate=0.0006,epochs=16,num_layers=8": "round 2's recipe (+ BPE 4096, 16 epochs)",
     "r5/shift_windows=True,epochs=24,dropout=0.2,weight_decay=0.3":
-        "tuned.py (round 5: + shifted windows, dropout 0.2, wd 0.3, 24 epochs)",
+        "round 5 (+ shifted windows, dropout 0.2, wd 0.3, 24 epochs)",
+    "r6/attention_dropout=0.1": "tuned.py (round 6: + attention dropout 0.1)",
 }
 
 

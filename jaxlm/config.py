@@ -56,6 +56,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "model.num_heads": (int, _positive),
     "model.d_ff": (int, _positive),
     "model.dropout": (float, _fraction),
+    "model.attention_dropout": (float, _fraction),
     "model.max_seq_length": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for data.seq_length"),
     "model.tie_embeddings": (bool, _ANY),
     "model.init_std": (float, _positive),
@@ -100,7 +101,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 # Keys added since the first version that wrote checkpoints, at the values that version behaved
 # with: a checkpoint saved without them still loads and resumes (see `upgrade`).
 ADDED_KEYS = {
-    "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False,
+    "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False, "model.attention_dropout": 0.0,
     "training.checkpoint_every_steps": 0, "training.checkpoint_every_minutes": 10.0,
     "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1, "data.shift_windows": False,
     "training.loss_chunk": -1, "training.gpu_matmuls": "xla",

@@ -70,7 +70,7 @@ def _gpt2_config(config, vocab_size: int, end_id: int | None) -> dict:
       "n_positions": config_lib.max_seq_length(config), "n_embd": m.d_model, "n_layer": m.num_layers,
       "n_head": m.num_heads, "n_inner": m.d_ff, "activation_function": _TO_HF_ACTIVATION[m.activation],
       "layer_norm_epsilon": m.layer_norm_eps, "resid_pdrop": m.dropout, "embd_pdrop": m.dropout,
-      "attn_pdrop": 0.0,  # jaxlm has no dropout on attention probabilities
+      "attn_pdrop": m.attention_dropout,
       "initializer_range": m.init_std, "tie_word_embeddings": m.tie_embeddings, "bos_token_id": end_id,
       "eos_token_id": end_id, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
       "reorder_and_upcast_attn": False, "use_cache": True, "torch_dtype": "float32"}

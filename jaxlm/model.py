@@ -2,7 +2,8 @@
 
 Matches the PyTorch baseline's choices so that the two are the same model: every Dense/Embed
 weight ~ N(0, init_std), biases 0, LayerNorm eps 1e-5, exact GELU, dropout on the embeddings and on
-each residual branch's output (none on attention probabilities), output tied to the token embedding.
+each residual branch's output (on attention probabilities only with `attention_dropout`, which the
+baseline does not have), output tied to the token embedding.
 That is GPT-2's architecture (with `activation="gelu_tanh"`, GPT-2's exact weights: see export.py).
 
 Decoding (`decode=True`, as in Flax's lm1b): each block keeps the keys and values of the tokens seen
@@ -69,6 +70,7 @@ class Block(nn.Module):
   approximate_gelu: bool  # tanh approximation (GPT-2's "gelu_new") instead of the exact erf
   deterministic: bool  # no dropout
   dot_general: Callable | None = None  # Dense's matmul: cpu_dot_general on a CPU, else lax's
+  attention_dropout: float = 0.0  # on the attention probabilities, in training
   scanned: bool = False  # the body of nn.scan over layers: returns (x, None)
 
   @nn.compact
@@ -85,12 +87,14 @@ class Block(nn.Module):
 
     qkv_BL3HK = dense(3 * D, self.init_std, "qkv")(norm("ln1")(x_BLD)).reshape(B, L, 3, self.num_heads, K)
     q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
-    if positions_BL is None:
+    if positions_BL is not None:
+      attn_BLHK = self._cached_attention(q, k, v, positions_BL)
+    elif self.attention_dropout and not deterministic:
+      attn_BLHK = self._attention_with_dropout(q, k, v)
+    else:
       # Fused causal attention (cuDNN's flash attention or XLA's, see config.attention_kernel); the
       # softmax runs in float32 whatever the dtype.
       attn_BLHK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
-    else:
-      attn_BLHK = self._cached_attention(q, k, v, positions_BL)
     y = dense(D, self.residual_std, "proj")(attn_BLHK.reshape(B, L, D))
     x_BLD = x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
@@ -98,6 +102,17 @@ class Block(nn.Module):
     y = dense(D, self.residual_std, "fc2")(h_BLF)
     x_BLD = x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
     return (x_BLD, None) if self.scanned else x_BLD
+
+  def _attention_with_dropout(self, q_BLHK, k_BLHK, v_BLHK):
+    """Causal attention with dropout on its probabilities, which the fused kernels do not offer: the
+    [B, H, L, L] scores are materialized (float32, as the fused kernels' softmax)."""
+    L, K = q_BLHK.shape[1], q_BLHK.shape[3]
+    scores_BHLL = jnp.einsum("blhk,bshk->bhls", q_BLHK, k_BLHK,
+                             preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
+    causal_LL = jnp.tril(jnp.ones((L, L), bool))
+    probs_BHLL = jax.nn.softmax(jnp.where(causal_LL, scores_BHLL, -jnp.inf), axis=-1)
+    probs_BHLL = nn.Dropout(self.attention_dropout)(probs_BHLL, deterministic=False)
+    return jnp.einsum("bhls,bshk->blhk", probs_BHLL.astype(v_BLHK.dtype), v_BLHK)
 
   def _cached_attention(self, q_BTHK, k_BTHK, v_BTHK, positions_BT):
     """Writes the new keys and values into the cache at their positions, then attends from each
@@ -137,6 +152,7 @@ class Transformer(nn.Module):
   approximate_gelu: bool = False
   scan_layers: bool = False  # one Block traced and compiled, scanned over stacked [num_layers, ...] params
   dot_general: Callable | None = None  # Dense's matmul: cpu_dot_general on a CPU, else lax's
+  attention_dropout: float = 0.0  # on the attention probabilities, in training
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, deterministic: bool = True, decode: bool = False,
@@ -165,7 +181,8 @@ class Transformer(nn.Module):
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)
     block = (self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std, self.layer_norm_eps,
-             self.dtype, self.param_dtype, self.attention, self.approximate_gelu, deterministic, self.dot_general)
+             self.dtype, self.param_dtype, self.attention, self.approximate_gelu, deterministic, self.dot_general,
+             self.attention_dropout)
     if self.scan_layers:  # params (and a decode cache) stacked on a leading layer axis, under "blocks"
       blocks = nn.scan(Block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=nn.broadcast, length=self.num_layers)
@@ -198,7 +215,7 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32,
       tie_embeddings=m.tie_embeddings, init_std=m.init_std, scaled_residual_init=m.scaled_residual_init,
       layer_norm_eps=m.layer_norm_eps, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype),
       attention=attention, approximate_gelu=m.activation == "gelu_tanh", scan_layers=m.scan_layers,
-      dot_general=cpu_dot_general if platform == "cpu" else None)
+      dot_general=cpu_dot_general if platform == "cpu" else None, attention_dropout=m.attention_dropout)
 
 
 def init_cache(model: Transformer, batch_size: int, length: int):

@@ -324,7 +324,8 @@ def _print_setup(s: _Setup) -> None:
   print(f"devices: {jax.devices()}; training on {mesh.size} x {ts.device.device_kind} ({ts.device.platform}) "
         f"in {jax.process_count()} process(es), mesh data {mesh.shape[sharding_lib.DATA]} x fsdp "
         f"{mesh.shape[sharding_lib.FSDP]}, compute dtype {jnp.dtype(ts.dtype).name}, {ts.model.attention} "
-        f"attention, {s.steps_per_call} step(s) per call, loss "
+        f"attention" + (" (unfused in training: attention dropout)" if ts.model.attention_dropout else "")
+        + f", {s.steps_per_call} step(s) per call, loss "
         + (f"in chunks of {ts.loss_chunk} tokens" if ts.loss_chunk else "on all logits at once")
         + (", cuBLAS matmuls" if ts.gpu_matmuls == "cublas" else ""), flush=True)
   print(f"config:\n{s.config}", flush=True)

@@ -134,6 +134,35 @@ def test_cpu_matmuls_compute_the_same_logits_and_gradients(overrides):
   assert kernels and all(float(jnp.abs(k).max()) > 0 for k in kernels)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_attention_dropout_drops_attention_probabilities_in_training_only(scan_layers):
+  """model.attention_dropout: training computes attention unfused with dropout on its probabilities
+  (at a rate that drops nothing it is the fused attention's result, causality included); evaluation
+  and rate 0 keep the fused kernel; and the masks differ between layers and steps."""
+  config = small_config(dropout=0.0, scan_layers=scan_layers)
+  fused = model_lib.build(config, VOCAB)
+  params = fused.init(jax.random.PRNGKey(0), random_tokens((1, 16)))["params"]
+  tokens = random_tokens((3, 16))
+
+  def train_logits(model, seed=0):
+    return jax.jit(lambda p: model.apply({"params": p}, tokens, deterministic=False,
+                                         rngs={"dropout": jax.random.PRNGKey(seed)}))(params)
+
+  reference = train_logits(fused)
+  config.model.attention_dropout = 1e-9  # keeps every probability (scaled by 1 + 1e-9)
+  np.testing.assert_allclose(train_logits(model_lib.build(config, VOCAB)), reference, rtol=1e-5, atol=1e-5)
+  config.model.attention_dropout = 0.5
+  dropping = model_lib.build(config, VOCAB)
+  first, second = train_logits(dropping, 0), train_logits(dropping, 1)
+  assert not np.allclose(first, reference, atol=1e-3) and not np.allclose(first, second, atol=1e-3)
+  np.testing.assert_array_equal(jax.jit(dropping.apply)({"params": params}, tokens),  # evaluation: no dropout
+                                jax.jit(fused.apply)({"params": params}, tokens))
+  changed = tokens.at[:, 9].set((tokens[:, 9] + 1) % VOCAB)  # still causal
+  later = jax.jit(lambda p: dropping.apply({"params": p}, changed, deterministic=False,
+                                           rngs={"dropout": jax.random.PRNGKey(0)}))(params)
+  np.testing.assert_allclose(later[:, :9], first[:, :9], rtol=1e-6, atol=1e-6)
+
+
 def test_train_step_with_a_chunked_loss_makes_the_same_update():
   config = small_config()
   _, schedule, state = make_state(config, num_steps=100)
