@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|losschunk|decide|scan|gpt2|torch|train ...   (in the order given)
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|scan|gpt2|torch|train ...   (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
 # One JSON line per measurement on stdout; the runs' metrics files go to $OUT. The corpus, made here:
@@ -43,11 +43,6 @@ for section in "$@"; do
     run $c
     run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $c
     run $g ;;
-  losschunk)  # training.loss_chunk (auto = 0 on a GPU: the logits at once) against chunks of the loss's
-              # output projection, on the GPT-2-small shape (16 x 1024 tokens) and the GPU config (32 x 128)
-    g="$bench $gpt2 --steps=20 --modes=calls"; c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
-    for k in 0 4096 16384 0; do run $g --config.training.loss_chunk=$k; done
-    for k in 0 1024 4096 0; do run $c --config.training.loss_chunk=$k; done ;;
   decide)  # both open levers in one call, each against the default twice (first and last), so that a
            # drift shows: cuBLAS for every matmul (triton_gemm off) and the chunked loss, alone and together
     g="$bench $gpt2 --steps=20 --modes=calls"; c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"

@@ -1,4 +1,5 @@
 """The model, the optimizer and the jitted steps (issue: the pure-functional core of training)."""
+import dataclasses
 import functools
 import math
 
@@ -172,6 +173,20 @@ def test_train_step_with_a_chunked_loss_makes_the_same_update():
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.params, s0.params)
+
+
+def test_compiling_for_cublas_matmuls_makes_the_same_updates():
+  """training.gpu_matmuls=cublas compiles the steps with XLA's xla_gpu_enable_triton_gemm=false. A
+  CPU accepts that option and ignores it, so this runs the compile path a GPU takes."""
+  s = train_lib.setup(small_config(), VOCAB, 100)
+  seqs, order = random_tokens((4 * s.config.training.batch_size, 16)), jnp.arange(4 * s.config.training.batch_size)
+  updates = []
+  for matmuls, options in (("xla", {}), ("cublas", {"xla_gpu_enable_triton_gemm": False})):
+    variant = dataclasses.replace(s, gpu_matmuls=matmuls)
+    assert variant.compiler_options == options
+    program, _ = train_lib.compile_train_steps(variant, variant.state, seqs, order, 2)
+    updates.append(program(variant.state, seqs, order, jnp.int32(0)))
+  jax.tree.map(np.testing.assert_array_equal, updates[0], updates[1])
 
 
 def test_parameter_count_of_the_base_config():
