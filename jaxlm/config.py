@@ -272,7 +272,7 @@ def loss_chunk(config: ml_collections.ConfigDict, device: jax.Device) -> int:
 
 # XLA lets Triton and cuBLAS compete for each matmul on a GPU ("xla"), and fuses Triton's with their
 # neighbours. For steps of CUBLAS_MIN_STEP_FLOPS or more per device, cuBLAS alone was faster on an
-# H200 (experiments/README.md, "Speed"): the GPT-2-small shape (12.6 TFLOP per GPU) by 2.0-2.6% on 1
+# H200 (experiments/README.md, "Speed"): the GPT-2-small shape (12.6 TFLOP per GPU) by 2.3-2.6% on 1
 # and on 2 GPUs, with 1.15 GB less memory and a shorter compile; the GPU config (0.59 TFLOP) was 4%
 # slower with it.
 CUBLAS_MIN_STEP_FLOPS = 1e12

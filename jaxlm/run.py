@@ -301,7 +301,7 @@ class _Setup:
 
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
-  # A device, a mesh or an attention kernel that cannot work fails before the data is read.
+  # A device, a mesh, an attention kernel or cuBLAS matmuls that cannot work fail before the data is read.
   config_lib.compute_dtype(config, config_lib.select_device(config))
   config_lib.gpu_matmuls(config, config_lib.select_device(config), 0.0)
   sharding_lib.make_mesh(config, config_lib.select_devices(config))
