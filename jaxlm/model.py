@@ -105,14 +105,11 @@ class Block(nn.Module):
 
   def _attention_with_dropout(self, q_BLHK, k_BLHK, v_BLHK):
     """Causal attention with dropout on its probabilities, which the fused kernels do not offer: the
-    [B, H, L, L] scores are materialized (float32, as the fused kernels' softmax)."""
-    L, K = q_BLHK.shape[1], q_BLHK.shape[3]
-    scores_BHLL = jnp.einsum("blhk,bshk->bhls", q_BLHK, k_BLHK,
-                             preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
-    causal_LL = jnp.tril(jnp.ones((L, L), bool))
-    probs_BHLL = jax.nn.softmax(jnp.where(causal_LL, scores_BHLL, -jnp.inf), axis=-1)
-    probs_BHLL = nn.Dropout(self.attention_dropout)(probs_BHLL, deterministic=False)
-    return jnp.einsum("bhls,bshk->blhk", probs_BHLL.astype(v_BLHK.dtype), v_BLHK)
+    [B, H, L, L] probabilities are materialized."""
+    L = q_BLHK.shape[1]
+    drop = nn.Dropout(self.attention_dropout)
+    return _attend(q_BLHK, k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3),
+                   jnp.tril(jnp.ones((L, L), bool)), lambda probs: drop(probs, deterministic=False))
 
   def _cached_attention(self, q_BTHK, k_BTHK, v_BTHK, positions_BT):
     """Writes the new keys and values into the cache at their positions, then attends from each
@@ -127,11 +124,20 @@ class Block(nn.Module):
     cached_k.value = write(cached_k.value, k_BTHK, positions_BT[:, 0])
     cached_v.value = write(cached_v.value, v_BTHK, positions_BT[:, 0])
     S = cached_k.value.shape[2]
-    scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, cached_k.value,
-                             preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
     visible_B1TS = (jnp.arange(S)[None, None, :] <= positions_BT[:, :, None])[:, None]
-    probs_BHTS = jax.nn.softmax(jnp.where(visible_B1TS, scores_BHTS, -jnp.inf), axis=-1)
-    return jnp.einsum("bhts,bhsk->bthk", probs_BHTS.astype(v_BTHK.dtype), cached_v.value)
+    return _attend(q_BTHK, cached_k.value, cached_v.value, visible_B1TS)
+
+
+def _attend(q_BTHK, k_BHSK, v_BHSK, visible, drop=None):
+  """Attention of each query to the keys `visible` to it (a mask broadcasting to [B, H, T, S]), with
+  scores and softmax in float32 as in the fused kernels; `drop` transforms the probabilities."""
+  K = q_BTHK.shape[-1]
+  scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, k_BHSK,
+                           preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
+  probs_BHTS = jax.nn.softmax(jnp.where(visible, scores_BHTS, -jnp.inf), axis=-1)
+  if drop is not None:
+    probs_BHTS = drop(probs_BHTS)
+  return jnp.einsum("bhts,bhsk->bthk", probs_BHTS.astype(v_BHSK.dtype), v_BHSK)
 
 
 class Transformer(nn.Module):

@@ -302,8 +302,9 @@ class _Setup:
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
   # A device, a mesh, an attention kernel or cuBLAS matmuls that cannot work fail before the data is read.
-  config_lib.compute_dtype(config, config_lib.select_device(config))
-  config_lib.gpu_matmuls(config, config_lib.select_device(config), 0.0)
+  device = config_lib.select_device(config)
+  config_lib.compute_dtype(config, device)
+  config_lib.gpu_matmuls(config, device, 0.0)
   sharding_lib.make_mesh(config, config_lib.select_devices(config))
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
   # make the same one themselves).
