@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|scan|gpt2|torch|train ...   (in the order given)
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|scan|gpt2|torch|train|percall ...   (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
 # One JSON line per measurement on stdout; the runs' metrics files go to $OUT. The corpus, made here:
@@ -56,6 +56,10 @@ for section in "$@"; do
     run $nt $c
     run $c --config.training.loss_chunk=1024
     run $c ;;
+  dropout)  # flax's threefry masks against the hashed ones (model.Dropout) and no dropout, alternating
+    d="python3 experiments/bench_dropout.py --config=configs/base.py --vocab_size=8192 --rounds=5"
+    run $d $gpt2 --steps=20 --modes=calls
+    run $d $gpu --modes=calls --steps_per_call=16 --steps=320 ;;
   final)  # the defaults, back to back with the baseline's torch.compile + bf16
     run $bench $gpt2 --steps=20 --modes=step,calls --steps_per_call=1
     run $bench $gpu --modes=step,calls --steps_per_call=16 --steps=320
@@ -78,5 +82,10 @@ for section in "$@"; do
     run python3 -m jaxlm.main $common $gpu --config.workdir=/tmp/runs/gpu
     run python3 -m jaxlm.main $common --config.training.epochs=2 --config.workdir=/tmp/runs/base
     for r in gpu base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
+  percall)  # whole GPU-config runs, 3 epochs: steps per call auto (10) against one per call
+    common="--config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.sample.max_new_tokens=48"
+    run python3 -m jaxlm.main $common $gpu --config.workdir=/tmp/runs/gpu_auto
+    run python3 -m jaxlm.main $common $gpu --config.training.steps_per_call=1 --config.workdir=/tmp/runs/gpu_1
+    for r in gpu_auto gpu_1; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
   esac
 done

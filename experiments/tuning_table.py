@@ -16,7 +16,7 @@ import sys
 from jaxlm import sweep
 
 # Runs drawn in val_bpb.png: the guide's configs, the round-1 centre and best size, the recipes of
-# rounds 2 and 5, the tuned recipe (configs/tuned.py).
+# rounds 2, 5 and 6, the tuned recipe (configs/tuned.py).
 PLOTTED = {
     "guide/base": "guide: base.py",
     "guide/lr_5e-4": "guide: lr_5e-4.py",
@@ -27,7 +27,8 @@ PLOTTED = {
     "r2/batch_size=32,learning_rate=0.0006,epochs=16,num_layers=8": "round 2's recipe (+ BPE 4096, 16 epochs)",
     "r5/shift_windows=True,epochs=24,dropout=0.2,weight_decay=0.3":
         "round 5 (+ shifted windows, dropout 0.2, wd 0.3, 24 epochs)",
-    "r6/attention_dropout=0.1": "tuned.py (round 6: + attention dropout 0.1)",
+    "r6/attention_dropout=0.1": "round 6 (+ attention dropout 0.1)",
+    "r8/weight_decay=1.0": "tuned.py (round 8: weight decay 1.0, 36 epochs)",
 }
 
 

@@ -297,25 +297,21 @@ def compiler_options(gpu_matmuls: str) -> dict:
 
 # Updates per jitted call on an accelerator for steps whose devices' work takes less time than
 # Python's dispatch of them (see experiments/README.md, "Speed" and "Several GPUs"): the guide's
-# base config at batch 2 (8.5 GFLOP per step) trains 1.9x faster with 10 steps per call on an H200,
-# and its GPU config (590 GFLOP per step) gains nothing on one H200 (where a second program, single
-# steps for an epoch's last ones, would cost a compile) but 1.17x on two (295 GFLOP per GPU; 4.27
-# against 3.64 ms per step): dispatching a step to several devices costs the host more.
+# base config at batch 2 (8.5 GFLOP per step) trains 1.9x faster with 10 steps per call on an H200;
+# its GPU config (590 GFLOP per step) trains an epoch in 2.4 s with 10 steps per call against 3.0-3.1
+# s with one on one H200 (whole runs, back to back; the bench's bare loop timed both alike), and
+# 1.17x faster on two (295 GFLOP per GPU). GPT-2-small's 12.6 TFLOP keep a GPU busy by themselves.
 ACCELERATOR_STEPS_PER_CALL = 16
-SMALL_STEP_FLOPS = 1e11  # per device, on one device
-SMALL_STEP_FLOPS_SEVERAL_DEVICES = 1e12  # per device, on a mesh of several
+SMALL_STEP_FLOPS = 1e12  # per device
 
 
-def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device, flops_per_device_step: float,
-                   num_devices: int = 1) -> int:
+def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device, flops_per_device_step: float) -> int:
   """training.steps_per_call; auto (-1): one on a CPU or for a step of SMALL_STEP_FLOPS or more per
-  device (SMALL_STEP_FLOPS_SEVERAL_DEVICES on several devices), else the largest divisor of
-  training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL (calls then end on logging boundaries
-  without a shorter call in between)."""
+  device, else the largest divisor of training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL
+  (calls then end on logging boundaries without a shorter call in between)."""
   if config.training.steps_per_call != -1:
     return config.training.steps_per_call
-  small = SMALL_STEP_FLOPS_SEVERAL_DEVICES if num_devices > 1 else SMALL_STEP_FLOPS
-  if device.platform == "cpu" or flops_per_device_step >= small:
+  if device.platform == "cpu" or flops_per_device_step >= SMALL_STEP_FLOPS:
     return 1
   every = config.training.log_every_steps
   return max(k for k in range(1, ACCELERATOR_STEPS_PER_CALL + 1) if every % k == 0)

@@ -56,6 +56,43 @@ def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_t
   return _matmul_saving_transposed_input(x, w)
 
 
+def _mix32(x_u32: jax.Array) -> jax.Array:
+  """lowbias32, from C. Wellons' hash-prospector: a bijection of uint32 in which flipping any input
+  bit flips each output bit with probability close to 1/2."""
+  x_u32 = (x_u32 ^ (x_u32 >> 16)) * jnp.uint32(0x7FEB352D)
+  x_u32 = (x_u32 ^ (x_u32 >> 15)) * jnp.uint32(0x846CA68B)
+  return x_u32 ^ (x_u32 >> 16)
+
+
+def dropout_keep(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """bool mask, each element True with probability 1 - rate (to 2^-32): a hash of the element's
+  row-major index (mod 2^32) and of two 32-bit seeds drawn from `key`. Why not jax.random.bernoulli:
+  threefry spends about 100 integer ops per element (20 rounds), this hash 12, all elementwise on
+  iotas, which XLA fuses into the dropout's consumers and partitions like any elementwise op (a
+  sharded mesh draws the same masks as one device). Training steps 2.5-6.5% faster on an H200, 4.5%
+  on a 2-core CPU (experiments/README.md, "Dropout's masks")."""
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  index = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(math.prod(shape[d + 1:]) % 2**32)
+              for d in range(len(shape)))
+  bits = _mix32(_mix32(index ^ seeds[0]) ^ seeds[1])
+  return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (as flax's nn.Dropout: zero with probability `rate`, scale the rest by
+  1 / (1 - rate)) with `dropout_keep`'s masks, from the "dropout" rng collection."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    keep = dropout_keep(self.make_rng("dropout"), x.shape, self.rate)
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 class Block(nn.Module):
   d_model: int
   num_heads: int
@@ -96,18 +133,18 @@ class Block(nn.Module):
       # softmax runs in float32 whatever the dtype.
       attn_BLHK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
     y = dense(D, self.residual_std, "proj")(attn_BLHK.reshape(B, L, D))
-    x_BLD = x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    x_BLD = x_BLD + Dropout(self.dropout)(y, deterministic=deterministic)
 
     h_BLF = nn.gelu(dense(self.d_ff, self.init_std, "fc1")(norm("ln2")(x_BLD)), approximate=self.approximate_gelu)
     y = dense(D, self.residual_std, "fc2")(h_BLF)
-    x_BLD = x_BLD + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    x_BLD = x_BLD + Dropout(self.dropout)(y, deterministic=deterministic)
     return (x_BLD, None) if self.scanned else x_BLD
 
   def _attention_with_dropout(self, q_BLHK, k_BLHK, v_BLHK):
     """Causal attention with dropout on its probabilities, which the fused kernels do not offer: the
     [B, H, L, L] probabilities are materialized."""
     L = q_BLHK.shape[1]
-    drop = nn.Dropout(self.attention_dropout)
+    drop = Dropout(self.attention_dropout)
     return _attend(q_BLHK, k_BLHK.transpose(0, 2, 1, 3), v_BLHK.transpose(0, 2, 1, 3),
                    jnp.tril(jnp.ones((L, L), bool)), lambda probs: drop(probs, deterministic=False))
 
@@ -183,7 +220,7 @@ class Transformer(nn.Module):
       pos_BLD = pos_emb_PD[None, :L]
     # The residual stream stays float32 (as under torch autocast); the blocks compute in self.dtype.
     x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32) + pos_BLD.astype(jnp.float32)
-    x_BLD = nn.Dropout(self.dropout)(x_BLD, deterministic=deterministic)
+    x_BLD = Dropout(self.dropout)(x_BLD, deterministic=deterministic)
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)
     block = (self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std, self.layer_norm_eps,

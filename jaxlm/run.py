@@ -316,7 +316,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
   train = train_lib.setup(config, corpus.vocab_size, num_steps)
   return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
-                config_lib.steps_per_call(config, train.device, train.flops_per_device_step, train.mesh.size))
+                config_lib.steps_per_call(config, train.device, train.flops_per_device_step))
 
 
 def _print_setup(s: _Setup) -> None:

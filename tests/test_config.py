@@ -218,16 +218,12 @@ def test_steps_per_call_auto_is_one_on_a_cpu_or_for_big_steps_and_divides_the_lo
   small, big = 8.5e9, 5.9e11  # FLOPs per step: the base config at batch 2, the GPU config at batch 32
   assert config_lib.steps_per_call(c, jax.devices("cpu")[0], small) == 1
   assert config_lib.steps_per_call(c, _Gpu(), small) == 10  # log_every_steps 100
-  assert config_lib.steps_per_call(c, _Gpu(), big) == 1
+  assert config_lib.steps_per_call(c, _Gpu(), big) == 10  # a whole run's epoch: 2.5 s against 3.2-4.0 s
+  assert config_lib.steps_per_call(c, _Gpu(), 6.3e12) == 1  # GPT-2-small's step per GPU of two
   c.training.log_every_steps = 64
   assert config_lib.steps_per_call(c, _Gpu(), small) == 16
   c.training.log_every_steps = 7
   assert config_lib.steps_per_call(c, _Gpu(), small) == 7
-  # On several devices the host's dispatch of a step takes longer: the GPU config's 295 GFLOP per
-  # device on two GPUs is still a small step, GPT-2-small's 6.3 TFLOP per device is not.
-  assert config_lib.steps_per_call(c, _Gpu(), big / 2, num_devices=2) == 7
-  assert config_lib.steps_per_call(c, _Gpu(), 6.3e12, num_devices=2) == 1
-  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], small, num_devices=4) == 1
   c.training.steps_per_call = 5
   assert config_lib.steps_per_call(c, jax.devices("cpu")[0], big) == 5
   c.training.steps_per_call = 0
@@ -257,8 +253,8 @@ def test_a_config_saved_before_keys_were_added_still_validates():
                 "model.d_ff": 2048}),
     ("tuned.py", {"training.batch_size": 32, "model.d_model": 384, "model.num_layers": 8, "model.num_heads": 8,
                   "model.d_ff": 2048, "data.tokenizer.vocab_size": 4096, "data.shift_windows": True,
-                  "model.dropout": 0.2, "model.attention_dropout": 0.1, "training.weight_decay": 0.3,
-                  "training.learning_rate": 6e-4, "training.epochs": 24, "training.patience": 3}),
+                  "model.dropout": 0.2, "model.attention_dropout": 0.1, "training.weight_decay": 1.0,
+                  "training.learning_rate": 6e-4, "training.epochs": 36, "training.patience": 3}),
 ])
 def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, changes):
   import os

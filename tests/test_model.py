@@ -164,6 +164,47 @@ def test_attention_dropout_drops_attention_probabilities_in_training_only(scan_l
   np.testing.assert_allclose(later[:, :9], first[:, :9], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rate", [0.02, 0.1, 0.5])
+def test_dropout_masks_keep_each_element_with_probability_one_minus_rate_independently(rate):
+  """model.dropout_keep's hashed masks against what Bernoulli(1 - rate) draws give, within 5 standard
+  deviations: the kept fraction; the kept count per row of 256 (its variance exposes masks correlated
+  along an axis); the correlation of each element with its neighbour along every axis and with the
+  same element under another key (each dropout of a model draws its own key from flax's rngs)."""
+  shape = (16, 128, 512)  # 1M elements; rows along each axis
+  keep = np.asarray(model_lib.dropout_keep(jax.random.PRNGKey(0), shape, rate), np.float64)
+  n, p = keep.size, 1 - rate
+  assert abs(keep.mean() - p) < 5 * math.sqrt(p * (1 - p) / n)
+  rows = keep.reshape(-1, 256).sum(axis=1)  # 4,096 binomial(256, p) counts if the bits are independent
+  var, sd_of_var = 256 * p * (1 - p), 256 * p * (1 - p) * math.sqrt(2 / rows.size)  # normal approximation
+  assert abs(rows.var() - var) < 5 * sd_of_var
+
+  def corr(a, b):
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return (a * b).mean() / math.sqrt((a * a).mean() * (b * b).mean())
+
+  bound = 5 / math.sqrt(n / 2)
+  for axis in range(3):
+    head, tail = np.split(keep, [1], axis=axis)[1], np.split(keep, [keep.shape[axis] - 1], axis=axis)[0]
+    assert abs(corr(head, tail)) < bound, axis
+  other_key = np.asarray(model_lib.dropout_keep(jax.random.PRNGKey(1), shape, rate), np.float64)
+  assert abs(corr(keep, other_key)) < bound and (keep != other_key).any()
+
+
+def test_dropout_zeroes_and_scales_in_training_and_is_the_identity_otherwise():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64, 32)), jnp.float32)
+  drop = model_lib.Dropout(0.25)
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  y = drop.apply({}, x, deterministic=False, rngs=rngs)
+  keep = np.asarray(y) != 0
+  np.testing.assert_allclose(np.asarray(y)[keep], np.asarray(x)[keep] / 0.75, rtol=1e-6)
+  assert 0.7 < keep.mean() < 0.8
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  grad = jax.grad(lambda x: drop.apply({}, x, deterministic=False, rngs=rngs).sum())(x)
+  np.testing.assert_allclose(grad, keep / 0.75, rtol=1e-6)  # the same mask in the backward pass
+  y16 = drop.apply({}, x.astype(jnp.bfloat16), deterministic=False, rngs=rngs)
+  assert y16.dtype == jnp.bfloat16 and ((np.asarray(y16, np.float32) != 0) == keep).all()
+
+
 def test_train_step_with_a_chunked_loss_makes_the_same_update():
   config = small_config()
   _, schedule, state = make_state(config, num_steps=100)
