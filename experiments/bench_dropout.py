@@ -19,7 +19,10 @@ from jaxlm import model as model_lib
 from jaxlm import train as train_lib
 
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
-_VARIANTS = flags.DEFINE_list("variants", ["threefry", "hashed", "none"], "threefry, hashed and/or none")
+VARIANTS = ("threefry", "hashed", "none")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "threefry, hashed and/or none")
+flags.register_validator("variants", lambda v: bool(v) and set(v) <= set(VARIANTS),
+                         f"--variants takes one or more of {', '.join(VARIANTS)}")
 
 
 class ThreefryDropout(nn.Module):

@@ -16,6 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench="python3 experiments/bench_step.py --config=configs/base.py --vocab_size=8192"
 gpu="--config.training.batch_size=32 --config.model.d_model=512 --config.model.num_layers=6 \
      --config.model.num_heads=8 --config.model.d_ff=2048"
+train="python3 -m jaxlm.main --config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5 \
+       --config.sample.max_new_tokens=48"
 gpt2="--config.training.batch_size=16 --config.data.seq_length=1024 --config.model.d_model=768 \
       --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --vocab_size=32768"
 mkdir -p $OUT
@@ -78,14 +80,12 @@ for section in "$@"; do
     run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
       --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
   train)  # whole runs on the 2.38M-token train split: the GPU config (3 epochs), the base config, batch 2
-    common="--config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.sample.max_new_tokens=48"
-    run python3 -m jaxlm.main $common $gpu --config.workdir=/tmp/runs/gpu
-    run python3 -m jaxlm.main $common --config.training.epochs=2 --config.workdir=/tmp/runs/base
+    run $train $gpu --config.workdir=/tmp/runs/gpu
+    run $train --config.training.epochs=2 --config.workdir=/tmp/runs/base
     for r in gpu base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
   percall)  # whole GPU-config runs, 3 epochs: steps per call auto (10) against one per call
-    common="--config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.sample.max_new_tokens=48"
-    run python3 -m jaxlm.main $common $gpu --config.workdir=/tmp/runs/gpu_auto
-    run python3 -m jaxlm.main $common $gpu --config.training.steps_per_call=1 --config.workdir=/tmp/runs/gpu_1
+    run $train $gpu --config.workdir=/tmp/runs/gpu_auto
+    run $train $gpu --config.training.steps_per_call=1 --config.workdir=/tmp/runs/gpu_1
     for r in gpu_auto gpu_1; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
   esac
 done
