@@ -49,7 +49,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # On the attention probabilities too (none in the guide). Training then computes attention unfused,
   # with [batch, heads, length, length] scores, whatever model.attention says; evaluation does not.
   model.attention_dropout = 0.0
-  model.max_seq_length = -1  # learned positions; -1: data.seq_length
+  # Zero the whole embedding of an input token with this probability in training (its position's
+  # embedding stays): the next tokens must be predicted without it (none in the guide).
+  model.token_dropout = 0.0
+  # learned: an embedding per position, added to the tokens' (the guide's and GPT-2's) | rope: rotary
+  # embeddings of the queries and keys in attention (no parameters; a GPT-2 export cannot hold them)
+  model.positions = "learned"
+  model.max_seq_length = -1  # positions the model reads; -1: data.seq_length
   model.tie_embeddings = True  # output projection = token embedding transposed
   model.init_std = 0.02
   model.scaled_residual_init = False  # GPT-2: residual projections get init_std / sqrt(2 * num_layers)
@@ -83,6 +89,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   training.weight_decay = 0.01
   training.decay_all_params = True  # False: no decay on biases, LayerNorm and embeddings
   training.clip_norm = 1.0
+  # > 0: keep an exponential moving average of the weights with this decay per update (e.g. 0.999:
+  # about the last 1,000 updates); the average is what is evaluated, kept as `best` and used.
+  training.ema_decay = 0.0
   training.b1 = 0.9
   training.b2 = 0.999
   training.eps = 1e-8
@@ -94,8 +103,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 0
   training.checkpoint_every_minutes = 10.0
   # Optimizer steps per jitted call (a lax.scan over steps gathering their batches on the device).
-  # -1: up to 16 on a GPU/TPU for steps under 0.1 TFLOP per device (1 TFLOP per device on several
-  # devices), whose work is shorter than their dispatch; else 1.
+  # -1: up to 16 on a GPU/TPU for steps under 1 TFLOP per device, whose work is shorter than their
+  # dispatch; else 1.
   training.steps_per_call = -1
   # The training loss's output projection and cross-entropy over this many tokens at a time (whole
   # positions of every row), never holding all [B, L, V] logits: 0 = all at once; -1 = by device

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|scan|gpt2|torch|train|percall ...   (in the order given)
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|scan|gpt2|torch|train|percall
+#   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
 # One JSON line per measurement on stdout; the runs' metrics files go to $OUT. The corpus, made here:
@@ -66,6 +67,14 @@ for section in "$@"; do
     run $bench $gpt2 --steps=20 --modes=step,calls --steps_per_call=1
     run $bench $gpu --modes=step,calls --steps_per_call=16 --steps=320
     run $bench --modes=calls --steps_per_call=10 --steps=800 ;;
+  kernels)  # where the GPU config's step goes: every kernel of a scanned call (16 steps) profiled;
+            # CUDA graphs over the scan's loop too (WHILE and CONDITIONAL in XLA's command buffers);
+            # scan over layers (fewer, stacked parameters for the optimizer); the defaults last again
+    c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
+    run $c --profile=/tmp/prof_kernels --profile_kernels=120
+    run env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL $c
+    run $c --config.model.scan_layers=true
+    run $c ;;
   scan)  # scan over layers: compile time and step time of the GPT-2-small shape and the GPU config
     run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=false
     run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=true

@@ -16,7 +16,7 @@ import sys
 from jaxlm import sweep
 
 # Runs drawn in val_bpb.png: the guide's configs, the round-1 centre and best size, the recipes of
-# rounds 2, 5 and 6, the tuned recipe (configs/tuned.py).
+# rounds 2, 5, 6, 8 and 11, the tuned recipe (configs/tuned.py).
 PLOTTED = {
     "guide/base": "guide: base.py",
     "guide/lr_5e-4": "guide: lr_5e-4.py",
@@ -28,7 +28,9 @@ PLOTTED = {
     "r5/shift_windows=True,epochs=24,dropout=0.2,weight_decay=0.3":
         "round 5 (+ shifted windows, dropout 0.2, wd 0.3, 24 epochs)",
     "r6/attention_dropout=0.1": "round 6 (+ attention dropout 0.1)",
-    "r8/weight_decay=1.0": "tuned.py (round 8: weight decay 1.0, 36 epochs)",
+    "r8/weight_decay=1.0": "round 8 (+ weight decay 1.0, 36 epochs)",
+    "r11/ema_decay=0.995,epochs=48": "round 11 (+ weights' moving average 0.995, 48 epochs)",
+    "r13/positions=rope": "tuned.py (round 13: + rotary positions)",
 }
 
 
@@ -67,8 +69,10 @@ def main(root: str) -> None:
   fig, ax = plt.subplots(figsize=(9, 5.5))
   for run, label in PLOTTED.items():
     epochs = sweep.read_epochs(os.path.join(root, run))
+    tuned = label.startswith("tuned.py")  # black, over the default cycle's 10 colors
     if epochs:
-      ax.plot([e["epoch"] for e in epochs], [e["val_bpb"] for e in epochs], marker="o", markersize=3, label=label)
+      ax.plot([e["epoch"] for e in epochs], [e["val_bpb"] for e in epochs], marker="o", markersize=3, label=label,
+              **({"color": "black", "linewidth": 2} if tuned else {}))
   ax.set_xlabel("epoch")
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_ylabel("validation bits per byte")

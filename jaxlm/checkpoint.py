@@ -2,18 +2,20 @@
 `training.checkpoint_every_*` within one) and `best` (when the validation loss improves).
 
 Each holds the whole TrainState (params, optimizer state with the schedule's step count, dropout
-key) and a JSON `meta` with everything else a resume needs: epoch, global step (which is also the
-data position: the batch order is a pure function of seed and step), best validation loss, the
-early-stopping counter, the partial epoch's loss sums, the config and the vocabulary size. Each has
-its own manager keeping one checkpoint, so neither can evict the other (google/orbax#526). Orbax's
-step numbers count the saves (1, 2, ...): one training step can be saved twice, e.g. before and after
-its epoch's validation, and the newest always wins. Orbax writes a save into a temporary folder and
+key, and with training.ema_decay the parameters' moving average) and a JSON `meta` with everything
+else a resume needs: epoch, global step (which is also the data position: the batch order is a pure
+function of seed and step), best validation loss, the early-stopping counter, the partial epoch's
+loss sums, the config and the vocabulary size. Each has its own manager keeping one checkpoint, so
+neither can evict the other (google/orbax#526). Orbax's step numbers count the saves (1, 2, ...):
+one training step can be saved twice, e.g. before and after its epoch's validation, and the newest
+always wins. Orbax writes a save into a temporary folder and
 renames it when complete: a crash mid-save leaves the previous one intact, and the next run that
 writes here removes the leftover temporary folder.
 
 Saves run in the background. A save that fails there (a full disk, a lost permission) is reported by
 the next `save`, `check` or `close` as one CheckpointError, so that a run never trains on without
-its checkpoints. Inference needs only `restore_params`, which reads no optimizer state.
+its checkpoints. Inference needs only `restore_params`, which reads the model's weights (their moving
+average when the run kept one) and no optimizer state.
 """
 import os
 import re
@@ -96,22 +98,27 @@ class Checkpoints:
         self._wait(name)
 
   def restore(self, name: str, target) -> tuple:
-    """(state shaped and placed like `target`, meta) of the `name` checkpoint."""
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    """(state shaped and placed like `target`, meta) of the `name` checkpoint. A target without a
+    moving average (ema_params None) also reads checkpoints saved before the TrainState had one."""
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=getattr(target, "ema_params", None) is None)
     restored = self._newest(name, lambda number: self._restore(name, number, state=args, meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   def restore_params(self, name: str) -> tuple:
-    """(params as numpy arrays, meta) of the `name` checkpoint; the optimizer state is not read."""
+    """(the model's weights as numpy arrays, meta) of the `name` checkpoint: the moving average of
+    the parameters when the run kept one (training.ema_decay), else the parameters. The optimizer
+    state is not read."""
 
     def read(number):
-      shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), self._params_metadata(name, number))
+      key, tree = self._params_metadata(name, number)
+      shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
       as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-      args = ocp.args.PyTreeRestore(item={"params": shapes}, restore_args={"params": as_numpy}, partial_restore=True)
-      return self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
+      args = ocp.args.PyTreeRestore(item={key: shapes}, restore_args={key: as_numpy}, partial_restore=True)
+      restored = self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
+      return restored.state[key], restored.meta
 
-    restored = self._newest(name, read)
-    return restored.state["params"], restored.meta
+    return self._newest(name, read)
 
   def restore_meta(self, name: str) -> dict:
     return self._newest(name, lambda number: self._restore(name, number, meta=ocp.args.JsonRestore())).meta
@@ -122,7 +129,7 @@ class Checkpoints:
 
   def num_params(self, name: str) -> int:
     """Parameter count read from the checkpoint's metadata, without loading the arrays."""
-    tree = self._newest(name, lambda number: self._params_metadata(name, number))
+    _, tree = self._newest(name, lambda number: self._params_metadata(name, number))
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
   def wait(self) -> None:
@@ -173,9 +180,12 @@ class Checkpoints:
     except Exception as e:  # orbax raises many types for missing or damaged files
       raise self._unreadable(name, number, e) from None
 
-  def _params_metadata(self, name: str, number: int):
+  def _params_metadata(self, name: str, number: int) -> tuple:
+    """("ema_params" or "params": the model's weights, their metadata tree)."""
     try:
-      return self._managers[name].item_metadata(number).state["params"]
+      state = self._managers[name].item_metadata(number).state
+      key = "params" if state.get("ema_params") is None else "ema_params"
+      return key, state[key]
     except Exception as e:
       raise self._unreadable(name, number, e) from None
 

@@ -57,6 +57,8 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "model.d_ff": (int, _positive),
     "model.dropout": (float, _fraction),
     "model.attention_dropout": (float, _fraction),
+    "model.token_dropout": (float, _fraction),
+    "model.positions": (str, _one_of("learned", "rope")),
     "model.max_seq_length": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for data.seq_length"),
     "model.tie_embeddings": (bool, _ANY),
     "model.init_std": (float, _positive),
@@ -77,6 +79,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "training.num_steps": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 to derive it from the data"),
     "training.weight_decay": (float, _non_negative),
     "training.decay_all_params": (bool, _ANY),
+    "training.ema_decay": (float, _fraction),
     "training.clip_norm": (float, _positive),
     "training.b1": (float, _fraction),
     "training.b2": (float, _fraction),
@@ -102,6 +105,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 # with: a checkpoint saved without them still loads and resumes (see `upgrade`).
 ADDED_KEYS = {
     "model.activation": "gelu", "model.init_from": "", "model.scan_layers": False, "model.attention_dropout": 0.0,
+    "model.token_dropout": 0.0, "training.ema_decay": 0.0, "model.positions": "learned",
     "training.checkpoint_every_steps": 0, "training.checkpoint_every_minutes": 10.0,
     "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1, "data.shift_windows": False,
     "training.loss_chunk": -1, "training.gpu_matmuls": "xla",
@@ -172,6 +176,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.d_model % m.num_heads:
     raise ConfigError(f"config key 'model.d_model' = {m.d_model} must be divisible by "
                       f"'model.num_heads' = {m.num_heads}")
+  if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+    raise ConfigError(f"config key 'model.positions' = 'rope' rotates pairs of each head's features: the "
+                      f"head size 'model.d_model' / 'model.num_heads' = {m.d_model // m.num_heads} must be even")
   if m.max_seq_length != -1 and config.data.seq_length > m.max_seq_length:
     raise ConfigError(f"config key 'data.seq_length' = {config.data.seq_length} exceeds the model's "
                       f"positions 'model.max_seq_length' = {m.max_seq_length}")

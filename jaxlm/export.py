@@ -113,6 +113,10 @@ def export(workdir: str, out: str, checkpoint: str = "best") -> None:
   _check_out(out)  # before loading: a large checkpoint should not be read for nothing
   trained = workdir_lib.load(workdir, checkpoint, device="cpu")
   m = trained.config.model
+  if m.positions != "learned":
+    raise ExportError(f"{workdir} trains rotary positions (model.positions={m.positions!r}): GPT-2's format holds "
+                      f"learned position embeddings only, so this model cannot be exported to it. Evaluate and "
+                      f"generate with jaxlm instead, or train with model.positions='learned' to export.")
   names = _hf_names(m.num_layers, m.tie_embeddings)
   leaves = _leaves(model_lib.unstack_layers(trained.params))
   if set(leaves) != set(names):  # the model changed and _hf_names did not follow
@@ -201,7 +205,7 @@ def gpt2_overrides(hf_dir: str) -> dict[str, object]:
             "model.d_ff": c.get("n_inner") or 4 * d_model, "model.max_seq_length": c["n_positions"],
             "model.layer_norm_eps": float(c.get("layer_norm_epsilon", 1e-5)),
             "model.activation": _FROM_HF_ACTIVATION[activation],
-            "model.tie_embeddings": bool(c.get("tie_word_embeddings", True)),
+            "model.tie_embeddings": bool(c.get("tie_word_embeddings", True)), "model.positions": "learned",
             "data.tokenizer.file": tokenizer_path, "data.tokenizer.pretrained": ""}
   except KeyError as e:
     raise ExportError(f"{hf_dir}/config.json has no {e.args[0]}: re-save the model with save_pretrained") from None

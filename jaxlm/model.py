@@ -2,9 +2,11 @@
 
 Matches the PyTorch baseline's choices so that the two are the same model: every Dense/Embed
 weight ~ N(0, init_std), biases 0, LayerNorm eps 1e-5, exact GELU, dropout on the embeddings and on
-each residual branch's output (on attention probabilities only with `attention_dropout`, which the
-baseline does not have), output tied to the token embedding.
-That is GPT-2's architecture (with `activation="gelu_tanh"`, GPT-2's exact weights: see export.py).
+each residual branch's output (on attention probabilities only with `attention_dropout`, and of
+whole input tokens only with `token_dropout`, which the baseline does not have), output tied to the
+token embedding.
+That is GPT-2's architecture with the default learned positions (with `activation="gelu_tanh"`,
+GPT-2's exact weights: see export.py); `positions="rope"` rotates queries and keys instead.
 
 Decoding (`decode=True`, as in Flax's lm1b): each block keeps the keys and values of the tokens seen
 so far in a `cache` collection of [B, H, S, K] buffers, and the model a per-row `index`; a
@@ -80,8 +82,10 @@ def dropout_keep(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arr
 
 class Dropout(nn.Module):
   """Inverted dropout (as flax's nn.Dropout: zero with probability `rate`, scale the rest by
-  1 / (1 - rate)) with `dropout_keep`'s masks, from the "dropout" rng collection."""
+  1 / (1 - rate)) with `dropout_keep`'s masks, from the "dropout" rng collection. One mask element
+  per index of the axes not in `broadcast_dims` (e.g. (-1,): whole vectors are kept or zeroed)."""
   rate: float
+  broadcast_dims: tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -89,7 +93,9 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    keep = dropout_keep(self.make_rng("dropout"), x.shape, self.rate)
+    dims = {d % x.ndim for d in self.broadcast_dims}
+    keep = dropout_keep(self.make_rng("dropout"), tuple(1 if d in dims else n for d, n in enumerate(x.shape)),
+                        self.rate)
     return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
@@ -108,6 +114,7 @@ class Block(nn.Module):
   deterministic: bool  # no dropout
   dot_general: Callable | None = None  # Dense's matmul: cpu_dot_general on a CPU, else lax's
   attention_dropout: float = 0.0  # on the attention probabilities, in training
+  rope: bool = False  # rotary position embedding of queries and keys
   scanned: bool = False  # the body of nn.scan over layers: returns (x, None)
 
   @nn.compact
@@ -124,6 +131,9 @@ class Block(nn.Module):
 
     qkv_BL3HK = dense(3 * D, self.init_std, "qkv")(norm("ln1")(x_BLD)).reshape(B, L, 3, self.num_heads, K)
     q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
+    if self.rope:
+      at_BL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL
+      q, k = rotate(q, at_BL), rotate(k, at_BL)
     if positions_BL is not None:
       attn_BLHK = self._cached_attention(q, k, v, positions_BL)
     elif self.attention_dropout and not deterministic:
@@ -165,6 +175,18 @@ class Block(nn.Module):
     return _attend(q_BTHK, cached_k.value, cached_v.value, visible_B1TS)
 
 
+def rotate(x_BLHK: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  """Rotary position embedding (RoFormer, as in LLaMA's "rotate half" layout): the pair (x[i],
+  x[i + K/2]) of each head is rotated by the angle position x 10000^(-2i/K), in float32, so that the
+  product of a query and a key depends on their positions only through their distance."""
+  K = x_BLHK.shape[-1]
+  inv_freq_h = 10000.0 ** (-jnp.arange(K // 2, dtype=jnp.float32) / (K // 2))
+  angles_BL1h = (positions_BL.astype(jnp.float32)[..., None] * inv_freq_h)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BL1h), jnp.sin(angles_BL1h)
+  x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
+
+
 def _attend(q_BTHK, k_BHSK, v_BHSK, visible, drop=None):
   """Attention of each query to the keys `visible` to it (a mask broadcasting to [B, H, T, S]), with
   scores and softmax in float32 as in the fused kernels; `drop` transforms the probabilities."""
@@ -196,6 +218,8 @@ class Transformer(nn.Module):
   scan_layers: bool = False  # one Block traced and compiled, scanned over stacked [num_layers, ...] params
   dot_general: Callable | None = None  # Dense's matmul: cpu_dot_general on a CPU, else lax's
   attention_dropout: float = 0.0  # on the attention probabilities, in training
+  token_dropout: float = 0.0  # of whole input-token embeddings, in training
+  positions: str = "learned"  # "learned": an embedding per position (GPT-2) | "rope": rotary, in attention
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, deterministic: bool = True, decode: bool = False,
@@ -209,23 +233,27 @@ class Transformer(nn.Module):
     B, L = tokens_BL.shape
     init = nn.initializers.normal(self.init_std)
     embedding_VD = self.param("tok_emb", init, (self.vocab_size, self.d_model), self.param_dtype)
-    pos_emb_PD = self.param("pos_emb", init, (self.max_seq_length, self.d_model), self.param_dtype)
+    if self.positions not in ("learned", "rope"):
+      raise ValueError(f"positions={self.positions!r}: learned or rope")
+    learned = self.positions == "learned"
+    pos_emb_PD = self.param("pos_emb", init, (self.max_seq_length, self.d_model), self.param_dtype) if learned else None
     positions_BL = None
     if decode:
       index = self.variable("cache", "index", jnp.zeros, (B,), jnp.int32)
       positions_BL = index.value[:, None] + jnp.arange(L)
       index.value = index.value + L
-      pos_BLD = jnp.take(pos_emb_PD, positions_BL, axis=0)
-    else:
-      pos_BLD = pos_emb_PD[None, :L]
     # The residual stream stays float32 (as under torch autocast); the blocks compute in self.dtype.
-    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32) + pos_BLD.astype(jnp.float32)
+    tok_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32)
+    x_BLD = Dropout(self.token_dropout, broadcast_dims=(-1,), name="token_dropout")(tok_BLD, deterministic)
+    if learned:
+      pos_BLD = pos_emb_PD[None, :L] if positions_BL is None else jnp.take(pos_emb_PD, positions_BL, axis=0)
+      x_BLD = x_BLD + pos_BLD.astype(jnp.float32)
     x_BLD = Dropout(self.dropout)(x_BLD, deterministic=deterministic)
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)
     block = (self.d_model, self.num_heads, self.d_ff, self.dropout, self.init_std, residual_std, self.layer_norm_eps,
              self.dtype, self.param_dtype, self.attention, self.approximate_gelu, deterministic, self.dot_general,
-             self.attention_dropout)
+             self.attention_dropout, not learned)
     if self.scan_layers:  # params (and a decode cache) stacked on a leading layer axis, under "blocks"
       blocks = nn.scan(Block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=nn.broadcast, length=self.num_layers)
@@ -258,7 +286,8 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, dtype=jnp.float32,
       tie_embeddings=m.tie_embeddings, init_std=m.init_std, scaled_residual_init=m.scaled_residual_init,
       layer_norm_eps=m.layer_norm_eps, dtype=dtype, param_dtype=jnp.dtype(m.param_dtype),
       attention=attention, approximate_gelu=m.activation == "gelu_tanh", scan_layers=m.scan_layers,
-      dot_general=cpu_dot_general if platform == "cpu" else None, attention_dropout=m.attention_dropout)
+      dot_general=cpu_dot_general if platform == "cpu" else None, attention_dropout=m.attention_dropout,
+      token_dropout=m.token_dropout, positions=m.positions)
 
 
 def init_cache(model: Transformer, batch_size: int, length: int):

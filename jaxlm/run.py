@@ -74,13 +74,17 @@ class LoopState:
 
 # Settings a resumed run must share with its checkpoint: they shape the state or the data order.
 _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
-               "model.max_seq_length", "model.tie_embeddings", "model.param_dtype", "model.scan_layers",
-               "data.shift_windows", "training.batch_size", "training.seed", "training.decay_all_params")
+               "model.max_seq_length", "model.positions", "model.tie_embeddings", "model.param_dtype",
+               "model.scan_layers", "data.shift_windows", "training.batch_size", "training.seed",
+               "training.decay_all_params")
 
 
 def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:
   old, new = config_lib.flatten(config_lib.upgrade(meta["config"])), config_lib.flatten(config)
   clash = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in _MUST_MATCH if old.get(k) != new[k]]
+  if bool(old["training.ema_decay"]) != bool(new["training.ema_decay"]):  # the decay itself may change
+    clash.append(f"training.ema_decay {old['training.ema_decay']!r} -> {new['training.ema_decay']!r} (a moving "
+                 f"average of the weights is kept or not)")
   if meta["data"] != data_name:
     clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}")
   if clash:
@@ -408,7 +412,10 @@ class _Run:
         from jaxlm import export
         params = export.load_gpt2_params(self.config.model.init_from, fresh.params)
         # In the state's layout (re-stacking scanned layers does not keep it).
-        return fresh.replace(params=jax.device_put(params, self.s.train.state_shardings.params)), LoopState()
+        params = jax.device_put(params, self.s.train.state_shardings.params)
+        # The average starts from the same weights in buffers of its own (the state is donated).
+        ema = None if fresh.ema_params is None else jax.tree.map(lambda p: jnp.copy(p).astype(jnp.float32), params)
+        return fresh.replace(params=params, ema_params=ema), LoopState()
       return fresh, LoopState()
     meta = self.checkpoints.restore_meta("last")
     _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
@@ -605,7 +612,7 @@ class _Run:
     # (they walk the same windows, so they call this at the same points).
     every, batches = (1 if jax.process_count() == 1 else EVAL_AGREE_EVERY), itertools.count()
     stop = lambda: next(batches) % every == 0 and self.agreed_stop() is not None  # noqa: E731
-    return evaluate_lib.evaluate(self.eval_fn, self.state.params if params is None else params,
+    return evaluate_lib.evaluate(self.eval_fn, self.state.model_params if params is None else params,
                                  corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
                                  self.config.data.seq_length, batch_size=batch_size, stop=stop)
 
@@ -625,7 +632,7 @@ class _Run:
     # Skipped when a stop is under way; several processes, which may not all know yet, all sample.
     if self.sampler is None or (self.stop.signum and jax.process_count() == 1):
       return
-    tokens, lengths = self.sampler(self.state.params, *generate_lib.pad_prompts([self.sample_prompt]),
+    tokens, lengths = self.sampler(self.state.model_params, *generate_lib.pad_prompts([self.sample_prompt]),
                                    self.config.sample.seed)
     (new,) = generate_lib.completions(tokens, lengths, [len(self.sample_prompt)], self.end_id)
     text = self.tokenizer.decode(self.sample_prompt + new)
@@ -635,7 +642,7 @@ class _Run:
   def test(self) -> dict:
     """Evaluates `best` on the test split; the run's summary, also in test_metrics.json."""
     best_state, _ = self.checkpoints.restore("best", self.state)
-    test = self.evaluate("test", best_state.params)
+    test = self.evaluate("test", best_state.model_params)
     if test is None:
       self.stopped()  # `last` is final: re-running the command tests again
     # One step past the last: re-running a finished run (it tests again) hides the earlier points.

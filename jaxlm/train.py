@@ -13,12 +13,13 @@ split is replicated and each device gathers only its own slice of the batch.
 import dataclasses
 import functools
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import struct
 from flax.training import train_state
 
 from jaxlm import config as config_lib
@@ -29,6 +30,28 @@ from jaxlm import sharding as sharding_lib
 
 class TrainState(train_state.TrainState):
   dropout_key: jax.Array  # dropout of step s uses fold_in(dropout_key, s): any step can be replayed
+  # training.ema_decay > 0: an exponential moving average of `params` over the updates (float32), the
+  # weights that are evaluated, saved as `best` and used (model_params); None without one.
+  ema_params: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+  def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
+    new = super().apply_gradients(grads=grads, **kwargs)
+    if self.ema_params is None:
+      return new
+    # Bias-corrected (as Adam's moments): after t updates the average weighs update i by
+    # decay^(t-i) (1 - decay) / (1 - decay^t), so the first update's weights count fully and no
+    # warmup of the decay is needed. Stored corrected: readers take ema_params as they are. In
+    # float32 whatever the parameters' dtype: steps of (1 - decay) x a change vanish in bfloat16.
+    decay = jnp.float32(self.ema_decay)
+    rate = (1 - decay) / (1 - decay ** new.step.astype(jnp.float32))
+    return new.replace(ema_params=jax.tree.map(lambda e, p: e + rate * (p.astype(jnp.float32) - e),
+                                               self.ema_params, new.params))
+
+  @property
+  def model_params(self):
+    """The weights to evaluate, sample from and keep: the moving average when there is one."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -78,7 +101,10 @@ def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Trans
   def init(key):
     init_key, dropout_key = jax.random.split(key)
     params = model.init(init_key, jnp.zeros((1, config.data.seq_length), jnp.int32))["params"]
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, dropout_key=dropout_key)
+    ema_decay = config.training.ema_decay
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, dropout_key=dropout_key,
+                              ema_params=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema_decay else None,
+                              ema_decay=ema_decay)
     return state.replace(step=jnp.zeros((), jnp.int32))  # typed as train_step returns it: one compile
 
   key = jax.random.PRNGKey(config.training.seed)

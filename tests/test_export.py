@@ -16,6 +16,7 @@ from jaxlm import data as data_lib
 from jaxlm import export as export_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
+from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
 
 from conftest import load_config, subprocess_env, write_corpus
@@ -126,7 +127,7 @@ def test_export_round_trips_through_the_gpt2_directory(run, tmp_path):
   assert_same_tree(export_lib.load_gpt2_params(str(hub), trained.params), trained.params)
 
 
-def test_init_from_an_export_starts_from_exactly_its_parameters(run, tmp_path):
+def test_init_from_an_export_starts_from_exactly_its_parameters(run, tmp_path, monkeypatch):
   out = str(tmp_path / "hf")
   export_lib.export(run.workdir, out, checkpoint="last")
   exported = workdir_lib.load(run.workdir, "last", device="cpu")
@@ -141,6 +142,10 @@ def test_init_from_an_export_starts_from_exactly_its_parameters(run, tmp_path):
   # A rate of 0 all along: the steps run but change nothing, AdamW's decay included (optax.adamw scales
   # the decayed weights by the rate too), so `last` holds the parameters the run started from.
   config.training.learning_rate = config.training.min_learning_rate = 0.0
+  # The moving average starts from the same weights, in buffers of its own: the state is donated to
+  # each update on an accelerator, as here.
+  config.training.ema_decay = 0.9
+  monkeypatch.setattr(train_lib, "donate_state", lambda device: (0,))
   run_lib.train_and_evaluate(config)
 
   started = workdir_lib.load(config.workdir, "last", device="cpu")
@@ -164,6 +169,16 @@ def test_export_refuses_an_existing_output_that_is_not_an_empty_directory(tmp_pa
   with pytest.raises(workdir_lib.WorkdirError, match=r"does not exist"):
     export_lib.export(str(tmp_path / "run"), str(tmp_path / "new"))
   assert sorted(os.listdir(tmp_path)) == ["file", "hf"]
+
+
+def test_a_model_with_rotary_positions_is_refused_with_a_reason_and_writes_nothing(tmp_path):
+  config = make_config(str(tmp_path))
+  config.model.positions = "rope"
+  run_lib.train_and_evaluate(config)
+  with pytest.raises(export_lib.ExportError, match=r"rotary positions \(model.positions='rope'\): GPT-2's format "
+                                                   r"holds learned position embeddings only"):
+    export_lib.export(config.workdir, str(tmp_path / "hf"))
+  assert not os.path.exists(tmp_path / "hf") and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_init_from_a_directory_that_is_not_gpt2_is_one_clear_error(tiny_config, tmp_path):

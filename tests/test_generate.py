@@ -30,7 +30,8 @@ def small_model(context=16, **model_overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "activation": "gelu_tanh"},
-                                       {"scan_layers": True}])
+                                       {"scan_layers": True}, {"positions": "rope"},
+                                       {"positions": "rope", "scan_layers": True}])
 def test_kv_cache_decoding_gives_the_full_forward_pass_logits_at_every_position(overrides):
   with jax.default_matmul_precision("highest"):  # float32 products on a GPU too (not TF32)
     check_kv_cache_decoding(overrides)

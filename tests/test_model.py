@@ -205,6 +205,64 @@ def test_dropout_zeroes_and_scales_in_training_and_is_the_identity_otherwise():
   assert y16.dtype == jnp.bfloat16 and ((np.asarray(y16, np.float32) != 0) == keep).all()
 
 
+def test_token_dropout_zeroes_whole_input_token_embeddings_in_training_only():
+  """model.token_dropout: in training each input token's embedding is kept whole (scaled by 1 / (1 -
+  rate)) or zeroed, with the position's embedding added either way; evaluation and rate 0 leave the
+  model as it was, and the other dropouts draw the masks they drew before."""
+  config = small_config(dropout=0.1)
+  plain = model_lib.build(config, VOCAB)
+  config.model.token_dropout = 0.5
+  dropping = model_lib.build(config, VOCAB)
+  tokens = random_tokens((4, 16))
+  params = plain.init(jax.random.PRNGKey(0), tokens)["params"]
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  _, captured = dropping.apply({"params": params}, tokens, deterministic=False, rngs=rngs, mutable=["intermediates"],
+                               capture_intermediates=lambda module, _: module.name == "token_dropout")
+  out_BLD = np.asarray(captured["intermediates"]["token_dropout"]["__call__"][0])
+  embedded_BLD = np.asarray(params["tok_emb"])[np.asarray(tokens)]
+  zeroed_BL = (out_BLD == 0).all(axis=-1)
+  np.testing.assert_allclose(out_BLD[~zeroed_BL], embedded_BLD[~zeroed_BL] / 0.5, rtol=1e-6)
+  assert 0.3 < zeroed_BL.mean() < 0.7 and len({tuple(row) for row in zeroed_BL}) > 1
+  evaluate = lambda model: model.apply({"params": params}, tokens)  # noqa: E731
+  np.testing.assert_array_equal(evaluate(dropping), evaluate(plain))
+  config.model.token_dropout = 0.0
+  train = lambda model: model.apply({"params": params}, tokens, deterministic=False, rngs=rngs)  # noqa: E731
+  np.testing.assert_array_equal(train(model_lib.build(config, VOCAB)), train(plain))
+  assert not np.allclose(train(dropping), train(plain), atol=1e-3)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_the_moving_average_of_the_weights_is_bias_corrected_and_leaves_training_alone(param_dtype):
+  """training.ema_decay: after t updates ema_params = sum_i decay^(t-i) (1 - decay) params_i / (1 -
+  decay^t) over the parameters after each update i, in float32 whatever the parameters' dtype; the
+  updates themselves are those of a run without it, and the model's weights (model_params) are the
+  average."""
+  config = small_config(param_dtype=param_dtype)
+  config.training.ema_decay = 0.8
+  _, schedule, state = make_state(config, num_steps=100)
+  config.training.ema_decay = 0.0
+  _, _, plain = make_state(config, num_steps=100)
+  assert plain.ema_params is None and plain.model_params is plain.params
+  step = jax.jit(functools.partial(train_lib.train_step, learning_rate_fn=schedule))
+  history = []
+  for i in range(4):
+    tokens = random_tokens((2, 16), seed=i)
+    (state, _), (plain, _) = step(state, tokens), step(plain, tokens)
+    jax.tree.map(np.testing.assert_array_equal, state.params, plain.params)
+    history.append(jax.device_get(state.params))
+  t, d = len(history), 0.8
+  weights = [d ** (t - i) * (1 - d) / (1 - d ** t) for i in range(1, t + 1)]
+  expected = jax.tree.map(lambda *ps: sum(w * np.float64(p) for w, p in zip(weights, ps)), *history)
+  # bfloat16 parameters: to their rounding, which XLA may skip where it fuses the average with the
+  # update that makes them (its default xla_allow_excess_precision).
+  close = ((lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)) if param_dtype == "float32" else
+           (lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2**-8 * np.abs(b).max())))
+  jax.tree.map(close, state.ema_params, expected)
+  assert {a.dtype for a in jax.tree.leaves(state.ema_params)} == {np.dtype(np.float32)}
+  assert state.model_params is state.ema_params
+  assert not np.allclose(state.ema_params["tok_emb"], np.float32(state.params["tok_emb"]), rtol=1e-5, atol=1e-7)
+
+
 def test_train_step_with_a_chunked_loss_makes_the_same_update():
   config = small_config()
   _, schedule, state = make_state(config, num_steps=100)
@@ -243,8 +301,33 @@ def test_parameter_count_of_the_base_config():
   assert p["head"]["kernel"].shape == (32, VOCAB)
 
 
-def test_causality_changing_token_t_never_changes_earlier_logits():
-  config = small_config()
+def test_rotary_positions_make_attention_scores_depend_on_distance_only():
+  """model.rotate: shifting every position by the same amount leaves each query-key product as it
+  was; a rotation keeps each vector's norm; position 0 is the identity. A rope model has no position
+  embedding parameters, and its logits depend on the order of the tokens (a model without
+  positions would give the same last logits for any permutation of the tokens before)."""
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(2))
+  at = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  scores = lambda shift: jnp.einsum("blhk,bmhk->bhlm", model_lib.rotate(q, at + shift),  # noqa: E731
+                                    model_lib.rotate(k, at + shift))
+  np.testing.assert_allclose(scores(37), scores(0), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(scores(0), jnp.einsum("blhk,bmhk->bhlm", q, k), atol=1e-2)
+  np.testing.assert_allclose(jnp.linalg.norm(model_lib.rotate(q, at + 5), axis=-1), jnp.linalg.norm(q, axis=-1),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(model_lib.rotate(q, jnp.zeros((2, 16), jnp.int32)), q)
+
+  model, _, state = make_state(small_config(positions="rope"))
+  assert "pos_emb" not in state.params
+  tokens = random_tokens((1, 16))
+  swapped = tokens.at[0, 3].set(tokens[0, 9]).at[0, 9].set(tokens[0, 3])
+  last = lambda t: jax.jit(model.apply)({"params": state.params}, t)[0, -1]  # noqa: E731
+  assert not np.allclose(last(tokens), last(swapped), atol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_causality_changing_token_t_never_changes_earlier_logits(positions):
+  config = small_config(positions=positions)
   model, _, state = make_state(config)
   tokens = random_tokens((1, 16))
   apply = jax.jit(model.apply)

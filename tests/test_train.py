@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from flax.training import train_state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
+from jaxlm import evaluate as evaluate_lib
 from jaxlm import inspect as inspect_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -329,6 +331,65 @@ def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_co
   ours, theirs = scalars(tiny_config.workdir)["train/loss"], scalars(reference.workdir)["train/loss"]
   assert [s for s, _ in ours] == [s for s, _ in theirs]  # the interval a stop cut is the resumed run's mean
   assert [p for p in ours if p[0] not in (10,)] == [p for p in theirs if p[0] not in (10,)]
+
+
+def test_the_weights_moving_average_is_evaluated_kept_and_used_and_resumes_exactly(tiny_config, tmp_path,
+                                                                                    monkeypatch):
+  """training.ema_decay: validation and test measure the average, `best` keeps it beside the
+  parameters, inference loads it, and a run interrupted mid-epoch ends as the uninterrupted one."""
+  tiny_config.training.ema_decay = 0.9
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  reference_summary = run_lib.train_and_evaluate(reference)
+  tiny_config.workdir = str(tmp_path / "interrupted")
+  interrupt_after(monkeypatch, 7)
+  with pytest.raises(run_lib.Interrupted, match="SIGINT at step 7"):
+    run_lib.train_and_evaluate(tiny_config)
+  monkeypatch.undo()
+  assert run_lib.train_and_evaluate(tiny_config) == reference_summary
+  corpus = data_lib.load(tiny_config)
+  best, meta = restore(tiny_config.workdir, "best", tiny_config, corpus.vocab_size)
+  theirs, _ = restore(reference.workdir, "best", reference, corpus.vocab_size)
+  assert_same_tree((best.params, best.ema_params, best.opt_state), (theirs.params, theirs.ema_params, theirs.opt_state))
+  assert not np.allclose(best.ema_params["tok_emb"], best.params["tok_emb"])
+
+  trained = workdir_lib.load(tiny_config.workdir, "best", "cpu")
+  assert_same_tree(trained.params, best.ema_params)
+  eval_step = evaluate_lib.make_eval_step(trained.model.apply)
+  measure = lambda params, split: evaluate_lib.evaluate(  # noqa: E731
+      eval_step, params, corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
+      tiny_config.data.seq_length, batch_size=tiny_config.training.eval_batch_size)["loss"]
+  assert measure(trained.params, "validation") == pytest.approx(meta["best_val_loss"], rel=1e-6)
+  assert measure(trained.params, "test") == pytest.approx(reference_summary["test_loss"], rel=1e-6)
+  assert measure(jax.device_get(best.params), "test") != pytest.approx(reference_summary["test_loss"], rel=1e-4)
+
+
+def test_checkpoints_saved_before_the_moving_average_existed_resume_exactly(tiny_config, tmp_path, monkeypatch):
+  """`last` and `best` written by a TrainState without ema_params (jaxlm before training.ema_decay)
+  resume and test as the uninterrupted run; turning the average on for them is refused by name."""
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  reference_summary = run_lib.train_and_evaluate(reference)
+  interrupt_after(monkeypatch, 25)  # in epoch 2: `best` is epoch 1's
+  with pytest.raises(run_lib.Interrupted):
+    run_lib.train_and_evaluate(tiny_config)
+  monkeypatch.undo()
+
+  class EarlierTrainState(train_state.TrainState):
+    dropout_key: jax.Array
+
+  vocab = data_lib.load(tiny_config).vocab_size
+  with checkpoint_lib.Checkpoints(tiny_config.workdir) as checkpoints:
+    for name in checkpoint_lib.NAMES:
+      state, meta = restore(tiny_config.workdir, name, tiny_config, vocab)
+      earlier = EarlierTrainState(step=state.step, apply_fn=None, params=state.params, tx=None,
+                                  opt_state=state.opt_state, dropout_key=state.dropout_key)
+      checkpoints.save(name, earlier, meta, wait=True)
+  on = tiny_config.copy_and_resolve_references()
+  on.training.ema_decay = 0.9
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"training.ema_decay 0.0 -> 0.9 \(a moving average"):
+    run_lib.train_and_evaluate(on)
+  assert run_lib.train_and_evaluate(tiny_config) == reference_summary
 
 
 def test_shifted_windows_train_on_new_windows_each_epoch_and_resume_exactly(tiny_config, tmp_path, monkeypatch,
