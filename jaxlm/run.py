@@ -413,9 +413,7 @@ class _Run:
         params = export.load_gpt2_params(self.config.model.init_from, fresh.params)
         # In the state's layout (re-stacking scanned layers does not keep it).
         params = jax.device_put(params, self.s.train.state_shardings.params)
-        # The average starts from the same weights in buffers of its own (the state is donated).
-        ema = None if fresh.ema_params is None else jax.tree.map(lambda p: jnp.copy(p).astype(jnp.float32), params)
-        return fresh.replace(params=params, ema_params=ema), LoopState()
+        return fresh.replace(params=params).restart_average(), LoopState()
       return fresh, LoopState()
     meta = self.checkpoints.restore_meta("last")
     _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)

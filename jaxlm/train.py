@@ -48,6 +48,13 @@ class TrainState(train_state.TrainState):
     return new.replace(ema_params=jax.tree.map(lambda e, p: e + rate * (p.astype(jnp.float32) - e),
                                                self.ema_params, new.params))
 
+  def restart_average(self) -> "TrainState":
+    """This state with the moving average (when training.ema_decay > 0) restarted at the parameters:
+    a float32 copy in buffers of its own, since the state is donated whole to each update."""
+    if not self.ema_decay:
+      return self
+    return self.replace(ema_params=jax.tree.map(lambda p: jnp.copy(p).astype(jnp.float32), self.params))
+
   @property
   def model_params(self):
     """The weights to evaluate, sample from and keep: the moving average when there is one."""
@@ -101,10 +108,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Trans
   def init(key):
     init_key, dropout_key = jax.random.split(key)
     params = model.init(init_key, jnp.zeros((1, config.data.seq_length), jnp.int32))["params"]
-    ema_decay = config.training.ema_decay
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, dropout_key=dropout_key,
-                              ema_params=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema_decay else None,
-                              ema_decay=ema_decay)
+                              ema_decay=config.training.ema_decay).restart_average()
     return state.replace(step=jnp.zeros((), jnp.int32))  # typed as train_step returns it: one compile
 
   key = jax.random.PRNGKey(config.training.seed)
