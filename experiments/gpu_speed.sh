@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -22,6 +22,18 @@ train="python3 -m jaxlm.main --config=configs/base.py --config.data.data_dir=.gp
 gpt2="--config.training.batch_size=16 --config.data.seq_length=1024 --config.model.d_model=768 \
       --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --vocab_size=32768"
 mkdir -p $OUT
+variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and train.py edited runs
+              # COMMAND with its compiled programs dumped; then the train step's transpose fusions
+  local name=$1 expr=$2; shift 2
+  rm -rf /tmp/v_$name; mkdir /tmp/v_$name; cp -r jaxlm configs experiments /tmp/v_$name/
+  ln -s $PWD/.gpu $PWD/data /tmp/v_$name/
+  [ -n "$expr" ] && sed -i "$expr" /tmp/v_$name/jaxlm/model.py /tmp/v_$name/jaxlm/train.py
+  (cd /tmp/v_$name && git diff --no-index --stat $OLDPWD/jaxlm jaxlm | tail -1
+   run env PYTHONPATH=/tmp/site:/tmp/v_$name XLA_FLAGS="--xla_dump_to=/tmp/hlo_$name --xla_dump_hlo_as_text" \
+     python3 "$@")
+  m=$(ls -S /tmp/hlo_$name/*train_steps*after_optimizations.txt | head -1)
+  echo "{\"variant\": \"$name\", \"transpose_fusions\": $(grep -cE '^\s+%[a-z_]*transpose[a-z_.0-9]* = .*fusion\(' $m), \"f32_LDB_arrays\": $(grep -c "f32\\[$LDB\\]" $m)}" | tee -a $OUT/log.txt
+}
 run() { echo "## $*" | tee -a $OUT/log.txt; timeout 300 "$@" > /tmp/run.log 2>&1
         grep -E '^\{|^compiled|^epoch|^test|^model|^devices|Error|error' /tmp/run.log | tee -a $OUT/log.txt; }
 for section in "$@"; do
@@ -75,6 +87,55 @@ for section in "$@"; do
     run env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL $c
     run $c --config.model.scan_layers=true
     run $c ;;
+  cudnn)  # the GPU config (128 tokens) with cuDNN's attention against XLA's, alternated, now that the
+          # dropout masks are hashed; cuDNN's kernels profiled; XLA's compiled program dumped (its
+          # transposes); then a whole 3-epoch run with cuDNN's attention
+    c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"; cu=--config.model.attention=cudnn
+    run $c
+    run $c $cu --profile=/tmp/prof_cudnn --profile_kernels=40
+    run $c
+    run $c $cu
+    run env XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" $c --steps=32 --repeats=1
+    tar -czf $OUT/hlo.tgz $(ls -S /tmp/hlo/*after_optimizations.txt | head -2)
+    run $train $gpu $cu --config.workdir=/tmp/runs/gpu_cudnn
+    cp /tmp/runs/gpu_cudnn/metrics.jsonl $OUT/train_gpu_cudnn_metrics.jsonl ;;
+  layout)  # XLA lays the GPU config's float32 residual stream out as [L, D, B] (the cudnn section's HLO
+           # dump; the 127 transposes take it to [B, L, D] for the matmuls and back). Which of our
+           # choices leads it there: the step (16 per call) and its program's transpose fusions with
+           # dropout off, with rotary positions (no position embedding added), with jnp.take's clip
+           # mode (no out-of-range mask) in the embedding lookup and the batch gather, and that with
+           # the dropout hash's index as one reshaped iota; each a patched copy of the tree in
+           # /tmp/v_NAME; the defaults first and last; then a whole run of the last patch
+    c="experiments/bench_step.py --config=configs/base.py --vocab_size=8192 $gpu --modes=calls --steps_per_call=16 --steps=320"
+    clip='s/jnp.take(embedding_VD, tokens_BL, axis=0)/jnp.take(embedding_VD, tokens_BL, axis=0, mode="clip")/; s/jnp.take(seqs_NL, rows_B, axis=0)/jnp.take(seqs_NL, rows_B, axis=0, mode="clip")/'
+    iota='s/index = sum(jax.lax.broadcasted_iota.*/index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)/; /for d in range(len(shape)))$/d'
+    LDB=128,512,32
+    variant default "" $c
+    variant nodrop "" $c --config.model.dropout=0.0
+    variant rope "" $c --config.model.positions=rope
+    variant clip "$clip" $c
+    variant clip_iota "$clip;$iota" $c
+    variant default2 "" $c
+    (cd /tmp/v_clip_iota && run env PYTHONPATH=/tmp/site:/tmp/v_clip_iota $train $gpu --config.workdir=/tmp/runs/clip_iota)
+    cp /tmp/runs/clip_iota/metrics.jsonl $OUT/train_gpu_clip_iota_metrics.jsonl ;;
+  posgrad)  # (to run) the layout section found the transposes gone with rotary positions (127 -> 24,
+            # 3.634 against 3.875 ms): the learned position embedding's gradient, a sum of the
+            # residual's over the batch, is what XLA lays out [L, D, B] for. The lookup as a gather
+            # of [B, L] positions (as decoding does) has a scatter-add for gradient instead; the
+            # GPU config and the GPT-2-small shape, each against the defaults first and last
+    c="experiments/bench_step.py --config=configs/base.py --vocab_size=8192 $gpu --modes=calls --steps_per_call=16 --steps=320"
+    g="experiments/bench_step.py --config=configs/base.py $gpt2 --modes=calls --steps=20"
+    take='s/pos_BLD = pos_emb_PD\[None, :L\] if positions_BL is None else jnp.take(pos_emb_PD, positions_BL, axis=0)/pos_BLD = jnp.take(pos_emb_PD, jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL, axis=0, mode="clip")/'
+    LDB=128,512,32
+    variant default "" $c
+    variant take "$take" $c
+    variant default2 "" $c
+    LDB=1024,768,16
+    variant gpt2 "" $g
+    variant gpt2_take "$take" $g
+    variant gpt2_2 "" $g
+    (cd /tmp/v_take && run env PYTHONPATH=/tmp/site:/tmp/v_take $train $gpu --config.workdir=/tmp/runs/take)
+    cp /tmp/runs/take/metrics.jsonl $OUT/train_gpu_take_metrics.jsonl ;;
   scan)  # scan over layers: compile time and step time of the GPT-2-small shape and the GPU config
     run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=false
     run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=true

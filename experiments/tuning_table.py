@@ -16,7 +16,7 @@ import sys
 from jaxlm import sweep
 
 # Runs drawn in val_bpb.png: the guide's configs, the round-1 centre and best size, the recipes of
-# rounds 2, 5, 6, 8 and 11, the tuned recipe (configs/tuned.py).
+# rounds 2, 5, 6, 8, 11 and 13, the tuned recipe (configs/tuned.py).
 PLOTTED = {
     "guide/base": "guide: base.py",
     "guide/lr_5e-4": "guide: lr_5e-4.py",
@@ -30,7 +30,9 @@ PLOTTED = {
     "r6/attention_dropout=0.1": "round 6 (+ attention dropout 0.1)",
     "r8/weight_decay=1.0": "round 8 (+ weight decay 1.0, 36 epochs)",
     "r11/ema_decay=0.995,epochs=48": "round 11 (+ weights' moving average 0.995, 48 epochs)",
-    "r13/positions=rope": "tuned.py (round 13: + rotary positions)",
+    "r13/positions=rope": "round 13 (+ rotary positions)",
+    "r15/seq_length=512,batch_size=8,learning_rate=0.0012":
+        "tuned.py (round 15: + 512-token sequences at batch 8, lr 1.2e-3)",
 }
 
 

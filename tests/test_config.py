@@ -251,11 +251,11 @@ def test_a_config_saved_before_keys_were_added_still_validates():
     ("more_capacity.py", {"model.d_model": 512, "model.num_layers": 6}),
     ("gpu.py", {"training.batch_size": 32, "model.d_model": 512, "model.num_layers": 6, "model.num_heads": 8,
                 "model.d_ff": 2048}),
-    ("tuned.py", {"training.batch_size": 32, "model.d_model": 384, "model.num_layers": 8, "model.num_heads": 8,
-                  "model.d_ff": 2048, "data.tokenizer.vocab_size": 4096, "data.shift_windows": True,
-                  "model.dropout": 0.2, "model.attention_dropout": 0.1, "training.weight_decay": 1.0,
-                  "training.learning_rate": 6e-4, "training.epochs": 48, "training.patience": 3,
-                  "training.ema_decay": 0.995, "model.positions": "rope"}),
+    ("tuned.py", {"training.batch_size": 8, "data.seq_length": 512, "model.d_model": 384, "model.num_layers": 8,
+                  "model.num_heads": 8, "model.d_ff": 2048, "data.tokenizer.vocab_size": 4096,
+                  "data.shift_windows": True, "model.dropout": 0.2, "model.attention_dropout": 0.1,
+                  "training.weight_decay": 1.0, "training.learning_rate": 1.2e-3, "training.epochs": 48,
+                  "training.patience": 3, "training.ema_decay": 0.995, "model.positions": "rope"}),
 ])
 def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, changes):
   import os
