@@ -24,15 +24,17 @@ gpt2="--config.training.batch_size=16 --config.data.seq_length=1024 --config.mod
 mkdir -p $OUT
 variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and train.py edited runs
               # COMMAND with its compiled programs dumped; then the train step's transpose fusions
+              # and its lines holding an f32[$LDB] (a float32 [L, D, B] array: "f32_LDB_arrays")
   local name=$1 expr=$2; shift 2
-  rm -rf /tmp/v_$name; mkdir /tmp/v_$name; cp -r jaxlm configs experiments /tmp/v_$name/
+  rm -rf /tmp/v_$name /tmp/hlo_$name; mkdir /tmp/v_$name; cp -r jaxlm configs experiments /tmp/v_$name/
   ln -s $PWD/.gpu $PWD/data /tmp/v_$name/
   [ -n "$expr" ] && sed -i "$expr" /tmp/v_$name/jaxlm/model.py /tmp/v_$name/jaxlm/train.py
-  (cd /tmp/v_$name && git diff --no-index --stat $OLDPWD/jaxlm jaxlm | tail -1
+  (cd /tmp/v_$name && git diff --no-index --stat $OLDPWD/jaxlm jaxlm | tail -1 | tee -a $OUT/log.txt
    run env PYTHONPATH=/tmp/site:/tmp/v_$name XLA_FLAGS="--xla_dump_to=/tmp/hlo_$name --xla_dump_hlo_as_text" \
      python3 "$@")
-  m=$(ls -S /tmp/hlo_$name/*train_steps*after_optimizations.txt | head -1)
-  echo "{\"variant\": \"$name\", \"transpose_fusions\": $(grep -cE '^\s+%[a-z_]*transpose[a-z_.0-9]* = .*fusion\(' $m), \"f32_LDB_arrays\": $(grep -c "f32\\[$LDB\\]" $m)}" | tee -a $OUT/log.txt
+  m=$(ls -S /tmp/hlo_$name/*train_steps*after_optimizations.txt 2>/dev/null | head -1)
+  [ -f "$m" ] || { echo "no dump of $name's train step" | tee -a $OUT/log.txt; return; }
+  echo "{\"variant\": \"$name\", \"transpose_fusions\": $(grep -cE '^\s+%[a-z_]*transpose[a-z_.0-9]* = .*fusion\(' "$m"), \"f32_LDB_arrays\": $(grep -c "f32\\[$LDB\\]" "$m")}" | tee -a $OUT/log.txt
 }
 run() { echo "## $*" | tee -a $OUT/log.txt; timeout 300 "$@" > /tmp/run.log 2>&1
         grep -E '^\{|^compiled|^epoch|^test|^model|^devices|Error|error' /tmp/run.log | tee -a $OUT/log.txt; }

@@ -4,7 +4,9 @@
 # (256-token sequences at batch 16; learning rate 8e-4), the two together, 512-token sequences, and
 # around the 256-token recipe: batch 8, d_model 512, 10 layers, dropout 0.25, learning rate 1e-3.
 # Carry .whl, .gpu/wikitext-2-mini and data/processed/wikitext-2-mini-bpe4096-*; start with the
-# wheels' install (round2.sh's call).
+# wheels' install (round2.sh's call). Ran at commit f938390, whose configs/tuned.py had 128-token
+# sequences at batch 32 and learning rate 6e-4: lanes that override neither train differently on a
+# later tuned.py.
 ROUND=r14 LIMIT=${LIMIT:-480} FIXED=
 source "$(dirname "$0")/lanes.sh"
 L256="--sweep=data.seq_length=256 --sweep=training.batch_size=16"

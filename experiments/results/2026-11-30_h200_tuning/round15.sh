@@ -3,7 +3,8 @@
 # 256-token sequences at batch 16 and a higher learning rate better together (8e-4: 1.9541 / 1.9549,
 # 1e-3: 1.9531 test bits per byte); here learning rate 1e-3 on two more seeds, 1.2e-3 (two seeds) and
 # 1.5e-3, and around 1e-3: weight decay 0.8 / 1.2, the average's decay 0.998, Adam's b2 0.98, dropout
-# 0.15, and 512-token sequences at 1e-3 / 1.2e-3. Carry as round14.sh.
+# 0.15, and 512-token sequences at 1e-3 / 1.2e-3. Carry as round14.sh. Ran at commit f938390 (its
+# tuned.py: 128-token sequences at batch 32, learning rate 6e-4; every lane here overrides both).
 ROUND=r15 LIMIT=${LIMIT:-480} FIXED=
 source "$(dirname "$0")/lanes.sh"
 L256="--sweep=data.seq_length=256 --sweep=training.batch_size=16"

@@ -3,7 +3,8 @@
 # 512-token sequences at batch 8 with learning rate 1.2e-3 (1.9466 test bits per byte, one seed), on
 # three more seeds; with Adam's b2 0.98 (round 15: 1.9505 at 256 tokens, lr 1e-3) on three seeds; at
 # 1.5e-3; 1,024-token sequences at batch 4; and 256 tokens at 1.2e-3 with b2 0.98 on two seeds.
-# Carry as round14.sh.
+# Carry as round14.sh. Ran at commit f938390, whose configs/tuned.py had 128-token sequences at batch
+# 32 and learning rate 6e-4: lanes that override neither train differently on a later tuned.py.
 ROUND=r16 LIMIT=${LIMIT:-480} FIXED=
 source "$(dirname "$0")/lanes.sh"
 L256="--sweep=data.seq_length=256 --sweep=training.batch_size=16"
