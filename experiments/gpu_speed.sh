@@ -21,6 +21,9 @@ train="python3 -m jaxlm.main --config=configs/base.py --config.data.data_dir=.gp
        --config.sample.max_new_tokens=48"
 gpt2="--config.training.batch_size=16 --config.data.seq_length=1024 --config.model.d_model=768 \
       --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --vocab_size=32768"
+# The GPU config as a run calls it (16 steps per call), and the GPT-2-small shape, as most sections time them
+gpu16="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
+gpt2_20="$bench $gpt2 --steps=20 --modes=calls"
 mkdir -p $OUT
 variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and train.py edited runs
               # COMMAND with its compiled programs dumped; then the train step's transpose fusions
@@ -30,8 +33,7 @@ variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and tr
   ln -s $PWD/.gpu $PWD/data /tmp/v_$name/
   [ -n "$expr" ] && sed -i "$expr" /tmp/v_$name/jaxlm/model.py /tmp/v_$name/jaxlm/train.py
   (cd /tmp/v_$name && git diff --no-index --stat $OLDPWD/jaxlm jaxlm | tail -1 | tee -a $OUT/log.txt
-   run env PYTHONPATH=/tmp/site:/tmp/v_$name XLA_FLAGS="--xla_dump_to=/tmp/hlo_$name --xla_dump_hlo_as_text" \
-     python3 "$@")
+   run env PYTHONPATH=/tmp/site:/tmp/v_$name XLA_FLAGS="--xla_dump_to=/tmp/hlo_$name --xla_dump_hlo_as_text" "$@")
   m=$(ls -S /tmp/hlo_$name/*train_steps*after_optimizations.txt 2>/dev/null | head -1)
   [ -f "$m" ] || { echo "no dump of $name's train step" | tee -a $OUT/log.txt; return; }
   echo "{\"variant\": \"$name\", \"transpose_fusions\": $(grep -cE '^\s+%[a-z_]*transpose[a-z_.0-9]* = .*fusion\(' "$m"), \"f32_LDB_arrays\": $(grep -c "f32\\[$LDB\\]" "$m")}" | tee -a $OUT/log.txt
@@ -43,7 +45,7 @@ for section in "$@"; do
   loop)  # the bare step against the run's calls of k steps gathering on the device
     run $bench --modes=step,calls --steps_per_call=1,10,20 --steps=800
     run $bench $gpu --modes=step,calls --steps_per_call=1,4,16 --steps=320 --matmul --profile=/tmp/prof_gpu
-    run $bench $gpu --modes=calls --steps_per_call=16 --steps=320 --config.model.dropout=0.0 ;;
+    run $gpu16 --config.model.dropout=0.0 ;;
   attention)  # XLA's against cuDNN's attention at 128-1024 tokens, 4,096 tokens per batch
     for L in 128 256 512; do
       for a in xla cudnn; do
@@ -53,26 +55,24 @@ for section in "$@"; do
     done ;;
   xlaflags)  # XLA's GEMM choices and effort levels on the GPT-2-small shape and the GPU config
              # (--xla_gpu_exhaustive_tiling_search=true was tried: it compiles for over 5 minutes)
-    g="$bench $gpt2 --steps=20 --modes=calls"; c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
-    run $g
-    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $g
-    run env JAX_OPTIMIZATION_LEVEL=O1 $g
-    run $c
-    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $c
-    run $g ;;
+    run $gpt2_20
+    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $gpt2_20
+    run env JAX_OPTIMIZATION_LEVEL=O1 $gpt2_20
+    run $gpu16
+    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $gpu16
+    run $gpt2_20 ;;
   decide)  # both open levers in one call, each against the default twice (first and last), so that a
            # drift shows: cuBLAS for every matmul (triton_gemm off) and the chunked loss, alone and together
-    g="$bench $gpt2 --steps=20 --modes=calls"; c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
     nt="env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
-    run $g
-    run $nt $g
-    run $g --config.training.loss_chunk=16384
-    run $nt $g --config.training.loss_chunk=16384
-    run $g
-    run $c
-    run $nt $c
-    run $c --config.training.loss_chunk=1024
-    run $c ;;
+    run $gpt2_20
+    run $nt $gpt2_20
+    run $gpt2_20 --config.training.loss_chunk=16384
+    run $nt $gpt2_20 --config.training.loss_chunk=16384
+    run $gpt2_20
+    run $gpu16
+    run $nt $gpu16
+    run $gpu16 --config.training.loss_chunk=1024
+    run $gpu16 ;;
   dropout)  # flax's threefry masks against the hashed ones (model.Dropout) and no dropout, alternating
     d="python3 experiments/bench_dropout.py --config=configs/base.py --vocab_size=8192 --rounds=5"
     run $d $gpt2 --steps=20 --modes=calls
@@ -84,20 +84,19 @@ for section in "$@"; do
   kernels)  # where the GPU config's step goes: every kernel of a scanned call (16 steps) profiled;
             # CUDA graphs over the scan's loop too (WHILE and CONDITIONAL in XLA's command buffers);
             # scan over layers (fewer, stacked parameters for the optimizer); the defaults last again
-    c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
-    run $c --profile=/tmp/prof_kernels --profile_kernels=120
-    run env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL $c
-    run $c --config.model.scan_layers=true
-    run $c ;;
+    run $gpu16 --profile=/tmp/prof_kernels --profile_kernels=120
+    run env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL $gpu16
+    run $gpu16 --config.model.scan_layers=true
+    run $gpu16 ;;
   cudnn)  # the GPU config (128 tokens) with cuDNN's attention against XLA's, alternated, now that the
           # dropout masks are hashed; cuDNN's kernels profiled; XLA's compiled program dumped (its
           # transposes); then a whole 3-epoch run with cuDNN's attention
-    c="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"; cu=--config.model.attention=cudnn
-    run $c
-    run $c $cu --profile=/tmp/prof_cudnn --profile_kernels=40
-    run $c
-    run $c $cu
-    run env XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" $c --steps=32 --repeats=1
+    cu=--config.model.attention=cudnn
+    run $gpu16
+    run $gpu16 $cu --profile=/tmp/prof_cudnn --profile_kernels=40
+    run $gpu16
+    run $gpu16 $cu
+    run env XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" $gpu16 --steps=32 --repeats=1
     tar -czf $OUT/hlo.tgz $(ls -S /tmp/hlo/*after_optimizations.txt | head -2)
     run $train $gpu $cu --config.workdir=/tmp/runs/gpu_cudnn
     cp /tmp/runs/gpu_cudnn/metrics.jsonl $OUT/train_gpu_cudnn_metrics.jsonl ;;
@@ -108,16 +107,15 @@ for section in "$@"; do
            # mode (no out-of-range mask) in the embedding lookup and the batch gather, and that with
            # the dropout hash's index as one reshaped iota; each a patched copy of the tree in
            # /tmp/v_NAME; the defaults first and last; then a whole run of the last patch
-    c="experiments/bench_step.py --config=configs/base.py --vocab_size=8192 $gpu --modes=calls --steps_per_call=16 --steps=320"
     clip='s/jnp.take(embedding_VD, tokens_BL, axis=0)/jnp.take(embedding_VD, tokens_BL, axis=0, mode="clip")/; s/jnp.take(seqs_NL, rows_B, axis=0)/jnp.take(seqs_NL, rows_B, axis=0, mode="clip")/'
     iota='s/index = sum(jax.lax.broadcasted_iota.*/index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)/; /for d in range(len(shape)))$/d'
     LDB=128,512,32
-    variant default "" $c
-    variant nodrop "" $c --config.model.dropout=0.0
-    variant rope "" $c --config.model.positions=rope
-    variant clip "$clip" $c
-    variant clip_iota "$clip;$iota" $c
-    variant default2 "" $c
+    variant default "" $gpu16
+    variant nodrop "" $gpu16 --config.model.dropout=0.0
+    variant rope "" $gpu16 --config.model.positions=rope
+    variant clip "$clip" $gpu16
+    variant clip_iota "$clip;$iota" $gpu16
+    variant default2 "" $gpu16
     (cd /tmp/v_clip_iota && run env PYTHONPATH=/tmp/site:/tmp/v_clip_iota $train $gpu --config.workdir=/tmp/runs/clip_iota)
     cp /tmp/runs/clip_iota/metrics.jsonl $OUT/train_gpu_clip_iota_metrics.jsonl ;;
   posgrad)  # (to run) the layout section found the transposes gone with rotary positions (127 -> 24,
@@ -125,17 +123,15 @@ for section in "$@"; do
             # residual's over the batch, is what XLA lays out [L, D, B] for. The lookup as a gather
             # of [B, L] positions (as decoding does) has a scatter-add for gradient instead; the
             # GPU config and the GPT-2-small shape, each against the defaults first and last
-    c="experiments/bench_step.py --config=configs/base.py --vocab_size=8192 $gpu --modes=calls --steps_per_call=16 --steps=320"
-    g="experiments/bench_step.py --config=configs/base.py $gpt2 --modes=calls --steps=20"
     take='s/pos_BLD = pos_emb_PD\[None, :L\] if positions_BL is None else jnp.take(pos_emb_PD, positions_BL, axis=0)/pos_BLD = jnp.take(pos_emb_PD, jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL, axis=0, mode="clip")/'
     LDB=128,512,32
-    variant default "" $c
-    variant take "$take" $c
-    variant default2 "" $c
+    variant default "" $gpu16
+    variant take "$take" $gpu16
+    variant default2 "" $gpu16
     LDB=1024,768,16
-    variant gpt2 "" $g
-    variant gpt2_take "$take" $g
-    variant gpt2_2 "" $g
+    variant gpt2 "" $gpt2_20
+    variant gpt2_take "$take" $gpt2_20
+    variant gpt2_2 "" $gpt2_20
     (cd /tmp/v_take && run env PYTHONPATH=/tmp/site:/tmp/v_take $train $gpu --config.workdir=/tmp/runs/take)
     cp /tmp/runs/take/metrics.jsonl $OUT/train_gpu_take_metrics.jsonl ;;
   scan)  # scan over layers: compile time and step time of the GPT-2-small shape and the GPU config
