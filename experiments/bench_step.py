@@ -162,7 +162,7 @@ def main(argv):
       state = jax.tree.map(jnp.copy, s.state)  # s.state stays for the next variant (donated on accelerators)
       for i in range(_WARMUP.value):
         state, m = call(state, i)
-      jax.block_until_ready(m)
+      jax.block_until_ready(state)  # not m: with --warmup=0 there is none yet
       times = []
       for r in range(_REPEATS.value + bool(_PROFILE.value)):
         tracing = _PROFILE.value and r == _REPEATS.value
