@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|syncs|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -118,22 +118,74 @@ for section in "$@"; do
     variant default2 "" $gpu16
     (cd /tmp/v_clip_iota && run env PYTHONPATH=/tmp/site:/tmp/v_clip_iota $train $gpu --config.workdir=/tmp/runs/clip_iota)
     cp /tmp/runs/clip_iota/metrics.jsonl $OUT/train_gpu_clip_iota_metrics.jsonl ;;
-  posgrad)  # (to run) the layout section found the transposes gone with rotary positions (127 -> 24,
-            # 3.634 against 3.875 ms): the learned position embedding's gradient, a sum of the
-            # residual's over the batch, is what XLA lays out [L, D, B] for. The lookup as a gather
-            # of [B, L] positions (as decoding does) has a scatter-add for gradient instead; the
-            # GPU config and the GPT-2-small shape, each against the defaults first and last
+  posgrad)  # the layout section found the transposes gone with rotary positions (127 -> 24, 3.634
+            # against 3.875 ms): the learned position embedding's gradient, a sum of the residual's
+            # over the batch, is what XLA lays out [L, D, B] for. Two other gradients for it: the
+            # lookup as a gather of [B, L] positions (as decoding does; a scatter-add), and the
+            # broadcast over the batch as an outer product with ones (a dot contracting the batch);
+            # the GPU config and the GPT-2-small shape, each against the defaults first and last
     take='s/pos_BLD = pos_emb_PD\[None, :L\] if positions_BL is None else jnp.take(pos_emb_PD, positions_BL, axis=0)/pos_BLD = jnp.take(pos_emb_PD, jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL, axis=0, mode="clip")/'
+    ones='s/pos_BLD = pos_emb_PD\[None, :L\] if/pos_BLD = jnp.einsum("b,ld->bld", jax.lax.optimization_barrier(jnp.ones((B,), jnp.float32)), pos_emb_PD[:L].astype(jnp.float32)) if/'
     LDB=128,512,32
     variant default "" $gpu16
     variant take "$take" $gpu16
+    variant ones "$ones" $gpu16
     variant default2 "" $gpu16
     LDB=1024,768,16
     variant gpt2 "" $gpt2_20
     variant gpt2_take "$take" $gpt2_20
-    variant gpt2_2 "" $gpt2_20
-    (cd /tmp/v_take && run env PYTHONPATH=/tmp/site:/tmp/v_take $train $gpu --config.workdir=/tmp/runs/take)
-    cp /tmp/runs/take/metrics.jsonl $OUT/train_gpu_take_metrics.jsonl ;;
+    variant gpt2_ones "$ones" $gpt2_20
+    variant gpt2_2 "" $gpt2_20 ;;
+  positions)  # after posgrad's gather became the default: the GPU config's kernels profiled, then with
+              # cuDNN's attention, no dropout, cuBLAS for every matmul, and the defaults again
+    run $gpu16 --profile=/tmp/prof_positions --profile_kernels=60
+    run $gpu16 --config.model.attention=cudnn
+    run $gpu16 --config.model.dropout=0.0
+    run env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $gpu16
+    run $gpu16 ;;
+  stepscan)  # the positions section's GPU config ran its bare step in 3.302 ms and 16 scanned steps per
+             # call in 3.553 ms (3.83 against 3.88 before the gather): both profiled (every kernel) and
+             # dumped, then the scanned call with XLA's while-loop double buffering, with copy insertion's
+             # region analysis, and with the scan unrolled by 2; cuDNN's attention against XLA's again
+    run env XLA_FLAGS="--xla_dump_to=/tmp/hlo_sc --xla_dump_hlo_as_text" $bench $gpu --modes=step,calls \
+      --steps_per_call=16 --steps=320 --profile=/tmp/prof_sc --profile_kernels=700
+    tar -czf $OUT/hlo_stepscan.tgz $(ls -S /tmp/hlo_sc/*after_optimizations.txt | head -3)
+    LDB=128,512,32
+    run env XLA_FLAGS=--xla_gpu_enable_while_loop_double_buffering=true $gpu16
+    run env XLA_FLAGS=--xla_gpu_copy_insertion_use_region_analysis=true $gpu16
+    variant unroll2 's/jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))/jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32), unroll=2)/' $gpu16
+    run $gpu16 --config.model.attention=cudnn
+    run $gpu16 ;;
+  unroll)  # two steps per iteration of the scanned call (the default since stepscan) against one and
+           # four, each followed by the defaults; whole runs of the GPU config with XLA's attention and
+           # with cuDNN's (0.8% faster in stepscan), and of the base config (batch 2, 2 epochs)
+    LDB=128,512,32
+    variant unroll1 's/, unroll=2)/)/' $gpu16
+    run $gpu16
+    variant unroll4 's/, unroll=2)/, unroll=4)/' $gpu16
+    run $gpu16
+    run $train $gpu --config.workdir=/tmp/runs/gpu
+    run $train $gpu --config.model.attention=cudnn --config.workdir=/tmp/runs/gpu_cudnn
+    run $train --config.training.epochs=2 --config.workdir=/tmp/runs/base
+    for r in gpu gpu_cudnn base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
+  percall20)  # whole 2-epoch runs of the GPU config at 20 steps per call, then at auto (10): with two
+              # steps per iteration a longer call compiles no longer
+    run $train $gpu --config.training.epochs=2 --config.training.steps_per_call=20 --config.workdir=/tmp/runs/gpu_20
+    run $train $gpu --config.training.epochs=2 --config.workdir=/tmp/runs/gpu_10
+    for r in gpu_20 gpu_10; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
+  syncs)  # (to run) the run's steps take 3.43-3.54 ms against the bench's 3.30-3.34: whole 2-epoch
+          # GPU-config runs logging every 100 steps (six host syncs an epoch) and every 580 (one: the
+          # epoch's end); then the base config at batch 2, 10 steps per call, with one step per scan
+          # iteration against two (the default), alternated
+    run $train $gpu --config.training.epochs=2 --config.workdir=/tmp/runs/log100
+    run $train $gpu --config.training.epochs=2 --config.training.log_every_steps=580 --config.workdir=/tmp/runs/log580
+    for r in log100 log580; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_${r}_metrics.jsonl; done
+    LDB=128,256,2
+    b2="$bench --modes=calls --steps_per_call=10 --steps=800"
+    variant b2_unroll1 's/, unroll=2)/)/' $b2
+    run $b2
+    variant b2_unroll1_again 's/, unroll=2)/)/' $b2
+    run $b2 ;;
   scan)  # scan over layers: compile time and step time of the GPT-2-small shape and the GPU config
     run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=false
     run $bench $gpt2 --steps=20 --modes=calls --config.model.scan_layers=true

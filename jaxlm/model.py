@@ -246,8 +246,11 @@ class Transformer(nn.Module):
     tok_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32)
     x_BLD = Dropout(self.token_dropout, broadcast_dims=(-1,), name="token_dropout")(tok_BLD, deterministic)
     if learned:
-      pos_BLD = pos_emb_PD[None, :L] if positions_BL is None else jnp.take(pos_emb_PD, positions_BL, axis=0)
-      x_BLD = x_BLD + pos_BLD.astype(jnp.float32)
+      # A lookup of [B, L] positions even in training, not pos_emb_PD[:L] broadcast over the batch: the
+      # broadcast's gradient is a sum over the batch alone, for which XLA:GPU lays the whole residual
+      # stream out [L, D, B] and transposes it in every block (8% of the guide's GPU-config step).
+      at_BL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL
+      x_BLD = x_BLD + jnp.take(pos_emb_PD, at_BL, axis=0).astype(jnp.float32)
     x_BLD = Dropout(self.dropout)(x_BLD, deterministic=deterministic)
 
     residual_std = self.init_std / (math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 1)

@@ -339,6 +339,22 @@ def test_causality_changing_token_t_never_changes_earlier_logits(positions):
     assert not np.allclose(out[0, t], base[0, t])
 
 
+def test_learned_position_embedding_gradient_is_the_input_gradient_summed_over_the_batch():
+  # With every token of the batch distinct and an untied head, the token embedding's gradient row of a
+  # token is the input's gradient at its place: the position embedding's row l must be their sum over
+  # the rows at position l, and the positions past the sequence must get none.
+  config = small_config(tie_embeddings=False)
+  model, _, state = make_state(config)
+  B, L = 3, 12
+  tokens = jnp.asarray(np.random.default_rng(0).permutation(VOCAB)[:B * L].reshape(B, L), jnp.int32)
+  weights = jax.random.normal(jax.random.key(1), (B, L, VOCAB))
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) * weights)))(state.params)
+  pos, tok = np.asarray(grads["pos_emb"]), np.asarray(grads["tok_emb"])
+  assert pos.shape[0] > L and np.abs(pos[:L]).min() > 0
+  np.testing.assert_allclose(pos[:L], tok[np.asarray(tokens)].sum(axis=0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(pos[L:], 0)
+
+
 def test_initialization_matches_the_baseline():
   config = small_config()
   _, _, state = make_state(config, vocab=4096)
