@@ -31,7 +31,12 @@ variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and tr
   local name=$1 expr=$2; shift 2
   rm -rf /tmp/v_$name /tmp/hlo_$name; mkdir /tmp/v_$name; cp -r jaxlm configs experiments /tmp/v_$name/
   ln -s $PWD/.gpu $PWD/data /tmp/v_$name/
-  [ -n "$expr" ] && sed -i "$expr" /tmp/v_$name/jaxlm/model.py /tmp/v_$name/jaxlm/train.py
+  if [ -n "$expr" ]; then
+    sed -i "$expr" /tmp/v_$name/jaxlm/model.py /tmp/v_$name/jaxlm/train.py
+    if git diff --no-index --quiet jaxlm /tmp/v_$name/jaxlm; then
+      echo "$name: the edit changed nothing" | tee -a $OUT/log.txt; return
+    fi
+  fi
   (cd /tmp/v_$name && git diff --no-index --stat $OLDPWD/jaxlm jaxlm | tail -1 | tee -a $OUT/log.txt
    run env PYTHONPATH=/tmp/site:/tmp/v_$name XLA_FLAGS="--xla_dump_to=/tmp/hlo_$name --xla_dump_hlo_as_text" "$@")
   m=$(ls -S /tmp/hlo_$name/*train_steps*after_optimizations.txt 2>/dev/null | head -1)
@@ -123,7 +128,8 @@ for section in "$@"; do
             # over the batch, is what XLA lays out [L, D, B] for. Two other gradients for it: the
             # lookup as a gather of [B, L] positions (as decoding does; a scatter-add), and the
             # broadcast over the batch as an outer product with ones (a dot contracting the batch);
-            # the GPU config and the GPT-2-small shape, each against the defaults first and last
+            # the GPU config and the GPT-2-small shape, each against the defaults first and last.
+            # Its edits are of ac173a9's model.py: they match nothing since 021161d made the gather the code
     take='s/pos_BLD = pos_emb_PD\[None, :L\] if positions_BL is None else jnp.take(pos_emb_PD, positions_BL, axis=0)/pos_BLD = jnp.take(pos_emb_PD, jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL, axis=0, mode="clip")/'
     ones='s/pos_BLD = pos_emb_PD\[None, :L\] if/pos_BLD = jnp.einsum("b,ld->bld", jax.lax.optimization_barrier(jnp.ones((B,), jnp.float32)), pos_emb_PD[:L].astype(jnp.float32)) if/'
     LDB=128,512,32
@@ -146,7 +152,8 @@ for section in "$@"; do
   stepscan)  # the positions section's GPU config ran its bare step in 3.302 ms and 16 scanned steps per
              # call in 3.553 ms (3.83 against 3.88 before the gather): both profiled (every kernel) and
              # dumped, then the scanned call with XLA's while-loop double buffering, with copy insertion's
-             # region analysis, and with the scan unrolled by 2; cuDNN's attention against XLA's again
+             # region analysis, and with the scan unrolled by 2 (an edit that matches nothing since
+             # 021161d made two steps per iteration the code); cuDNN's attention against XLA's again
     run env XLA_FLAGS="--xla_dump_to=/tmp/hlo_sc --xla_dump_hlo_as_text" $bench $gpu --modes=step,calls \
       --steps_per_call=16 --steps=320 --profile=/tmp/prof_sc --profile_kernels=700
     tar -czf $OUT/hlo_stepscan.tgz $(ls -S /tmp/hlo_sc/*after_optimizations.txt | head -3)
@@ -164,18 +171,18 @@ for section in "$@"; do
     run $gpu16
     variant unroll4 's/, unroll=2)/, unroll=4)/' $gpu16
     run $gpu16
-    run $train $gpu --config.workdir=/tmp/runs/gpu
-    run $train $gpu --config.model.attention=cudnn --config.workdir=/tmp/runs/gpu_cudnn
-    run $train --config.training.epochs=2 --config.workdir=/tmp/runs/base
-    for r in gpu gpu_cudnn base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
-  percall20)  # whole 2-epoch runs of the GPU config at 20 steps per call, then at auto (10): with two
-              # steps per iteration a longer call compiles no longer
+    run $train $gpu --config.workdir=/tmp/runs/unroll_gpu
+    run $train $gpu --config.model.attention=cudnn --config.workdir=/tmp/runs/unroll_gpu_cudnn
+    run $train --config.training.epochs=2 --config.workdir=/tmp/runs/unroll_base
+    for r in gpu gpu_cudnn base; do cp /tmp/runs/unroll_$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
+  percall20)  # whole 2-epoch runs of the GPU config at 20 steps per call, then at auto (10): the scan's
+              # body is two steps whatever the call's length, so a longer call adds little compile
     run $train $gpu --config.training.epochs=2 --config.training.steps_per_call=20 --config.workdir=/tmp/runs/gpu_20
     run $train $gpu --config.training.epochs=2 --config.workdir=/tmp/runs/gpu_10
     for r in gpu_20 gpu_10; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
   syncs)  # (to run) the run's steps take 3.43-3.54 ms against the bench's 3.30-3.34: whole 2-epoch
-          # GPU-config runs logging every 100 steps (six host syncs an epoch) and every 580 (one: the
-          # epoch's end); then the base config at batch 2, 10 steps per call, with one step per scan
+          # GPU-config runs logging every 100 steps (host syncs at five log lines and the epoch's end)
+          # and every 580 (the epoch's end alone); then the base config at batch 2, 10 steps per call, with one step per scan
           # iteration against two (the default), alternated
     run $train $gpu --config.training.epochs=2 --config.workdir=/tmp/runs/log100
     run $train $gpu --config.training.epochs=2 --config.training.log_every_steps=580 --config.workdir=/tmp/runs/log580

@@ -249,6 +249,8 @@ class Transformer(nn.Module):
       # A lookup of [B, L] positions even in training, not pos_emb_PD[:L] broadcast over the batch: the
       # broadcast's gradient is a sum over the batch alone, for which XLA:GPU lays the whole residual
       # stream out [L, D, B] and transposes it in every block (8% of the guide's GPU-config step).
+      if positions_BL is None and L > self.max_seq_length:  # the lookup would fill the missing rows with NaN
+        raise ValueError(f"{L} tokens per row: the model has {self.max_seq_length} positions")
       at_BL = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BL is None else positions_BL
       x_BLD = x_BLD + jnp.take(pos_emb_PD, at_BL, axis=0).astype(jnp.float32)
     x_BLD = Dropout(self.dropout)(x_BLD, deterministic=deterministic)

@@ -201,8 +201,9 @@ def train_steps(state: TrainState, seqs_NL: jax.Array, order_N: jax.Array, first
       tokens_BL = jax.lax.with_sharding_constraint(tokens_BL, batch_sharding)
     return train_step(state, tokens_BL, learning_rate_fn, loss_chunk)
 
-  # Two steps per loop iteration: on an H200 the GPU config's step takes 3.25 ms so against 3.55 (one
-  # per iteration) and 3.30 (a bare step); level on a CPU (experiments/README.md, "Two steps per iteration").
+  # Two steps per loop iteration: on an H200 the GPU config's step takes 3.25-3.34 ms against 3.55-3.58
+  # with one (3.30 as a bare step), for 10-16 s more compile; level on a CPU (experiments/README.md,
+  # "The position embedding as a lookup, and two steps per loop iteration").
   return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32), unroll=2)
 
 

@@ -45,6 +45,8 @@ def test_logits_shape_and_dtype():
   assert logits.shape == (3, 16, VOCAB) and logits.dtype == jnp.float32
   shorter = apply({"params": state.params}, random_tokens((2, 5)))  # fewer positions is fine
   assert shorter.shape == (2, 5, VOCAB)
+  with pytest.raises(ValueError, match="17 tokens per row: the model has 16 positions"):
+    apply({"params": state.params}, random_tokens((1, 17)))
   bf16_model, _, _ = make_state(config, dtype=jnp.bfloat16)  # mixed precision: logits in the compute dtype
   assert jax.jit(bf16_model.apply)({"params": state.params}, random_tokens((1, 4))).dtype == jnp.bfloat16
 
