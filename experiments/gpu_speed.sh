@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|syncs|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -180,6 +180,33 @@ for section in "$@"; do
     run $train $gpu --config.training.epochs=2 --config.training.steps_per_call=20 --config.workdir=/tmp/runs/gpu_20
     run $train $gpu --config.training.epochs=2 --config.workdir=/tmp/runs/gpu_10
     for r in gpu_20 gpu_10; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_${r}_metrics.jsonl; done ;;
+  runprofile)  # where a whole run's epoch goes: epoch 2 of a 2-epoch GPU-config run traced (idle gaps
+               # between kernels, the host's work during them); then the bench at the run's 10 steps per
+               # call on random tokens and on the run's own (a scatter-add of frequent tokens' rows)
+    run python3 experiments/profile_run.py --config=configs/base.py --config.data.data_dir=.gpu/wikitext-2-x5 \
+      --config.sample.max_new_tokens=48 $gpu --config.training.epochs=2 --config.workdir=/tmp/runs/prof \
+      --trace_epoch=2 --trace_dir=/tmp/trace_run
+    cp /tmp/runs/prof/metrics.jsonl $OUT/train_gpu_profiled_metrics.jsonl
+    run $bench $gpu --modes=calls --steps_per_call=10 --steps=580
+    run $bench $gpu --modes=calls --steps_per_call=10 --steps=580 \
+      --tokens_npy=$(ls data/processed/wikitext-2-x5-bpe8192-*/train.npy) ;;
+  logahead)  # whole 3-epoch GPU-config runs, the code before (acf4037, unpacked in .gpu/tree_old:
+             # `git archive acf4037 jaxlm configs | tar -x -C .gpu/tree_old`) against now (a log line
+             # fetched once the next call is queued), alternated; then the GPT-2-small shape at 1 and 2
+             # steps per call, and torch.compile's at that shape
+    rm -rf /tmp/v_old; mkdir /tmp/v_old; cp -r .gpu/tree_old/* /tmp/v_old/; ln -s $PWD/.gpu $PWD/data /tmp/v_old/
+    for i in 1 2; do
+      (cd /tmp/v_old && run env PYTHONPATH=/tmp/site:/tmp/v_old $train $gpu --config.workdir=/tmp/runs/old$i)
+      run $train $gpu --config.workdir=/tmp/runs/new$i
+    done
+    for r in old1 new1 old2 new2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_${r}_metrics.jsonl; done
+    run $gpt2_20 --steps_per_call=1,2
+    run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
+      --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
+  gpt2percall)  # the GPT-2-small shape at 1 and 2 steps per call, alternated, then torch.compile's at that shape
+    run $gpt2_20 --steps_per_call=1,2,1,2
+    run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
+      --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
   syncs)  # (to run) the run's steps take 3.43-3.54 ms against the bench's 3.30-3.34: whole 2-epoch
           # GPU-config runs logging every 100 steps (host syncs at five log lines and the epoch's end)
           # and every 580 (the epoch's end alone); then the base config at batch 2, 10 steps per call, with one step per scan

@@ -212,18 +212,21 @@ def test_gpu_matmuls_auto_is_cublas_alone_for_big_steps_on_a_gpu_and_xla_elsewhe
     config_lib.validate(c)
 
 
-def test_steps_per_call_auto_is_one_on_a_cpu_or_for_big_steps_and_divides_the_log_interval_elsewhere():
+def test_steps_per_call_auto_is_one_on_a_cpu_two_for_big_steps_and_divides_the_log_interval():
   import jax
   c = load_config()
   small, big = 8.5e9, 5.9e11  # FLOPs per step: the base config at batch 2, the GPU config at batch 32
   assert config_lib.steps_per_call(c, jax.devices("cpu")[0], small) == 1
+  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], 1.26e13) == 1
   assert config_lib.steps_per_call(c, _Gpu(), small) == 10  # log_every_steps 100
   assert config_lib.steps_per_call(c, _Gpu(), big) == 10  # a whole run's epoch: 2.4 s against 3.0-3.1 s
-  assert config_lib.steps_per_call(c, _Gpu(), 6.3e12) == 1  # GPT-2-small's step per GPU of two
+  assert config_lib.steps_per_call(c, _Gpu(), 1.26e13) == 2  # GPT-2-small's step: one loop iteration of two
+  assert config_lib.steps_per_call(c, _Gpu(), 6.3e12) == 2  # the same per GPU of two
   c.training.log_every_steps = 64
   assert config_lib.steps_per_call(c, _Gpu(), small) == 16
   c.training.log_every_steps = 7
   assert config_lib.steps_per_call(c, _Gpu(), small) == 7
+  assert config_lib.steps_per_call(c, _Gpu(), 1.26e13) == 1  # no shorter call between two log lines
   c.training.steps_per_call = 5
   assert config_lib.steps_per_call(c, jax.devices("cpu")[0], big) == 5
   c.training.steps_per_call = 0

@@ -551,6 +551,23 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny
   pd.testing.assert_frame_equal(read_metrics(tiny_config.workdir), before)
 
 
+def test_a_divergence_logged_once_the_next_call_is_queued_is_caught_before_that_calls_save(tiny_config):
+  """A log line's metrics are fetched after the next call is dispatched: a loss that diverged by the
+  log line at step 25 still stops the run before the save due after step 26."""
+  tiny_config.training.epochs = 1
+  tiny_config.training.num_steps = 1000
+  run_lib.train_and_evaluate(tiny_config)
+  tiny_config.training.epochs = 2
+  tiny_config.training.learning_rate = 1e30
+  tiny_config.training.checkpoint_every_steps = 6  # `last` due at step 26
+  with pytest.raises(run_lib.TrainingError, match=r"the training diverged by step 25 \(epoch 2,.*Nothing after "
+                                                    r"step 20 was saved"):
+    run_lib.train_and_evaluate(tiny_config)
+  checkpoints = checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False)
+  assert checkpoints.restore_meta("last")["global_step"] == 20
+  checkpoints.close()
+
+
 def test_damaged_checkpoint_is_one_clear_error(tiny_config):
   tiny_config.training.epochs = 1
   run_lib.train_and_evaluate(tiny_config)
