@@ -103,8 +103,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 0
   training.checkpoint_every_minutes = 10.0
   # Optimizer steps per jitted call (a lax.scan over steps gathering their batches on the device).
-  # -1: up to 16 on a GPU/TPU for steps under 1 TFLOP per device, whose work is shorter than their
-  # dispatch; else 1.
+  # -1: on a GPU/TPU up to 16 for steps under 1 TFLOP per device, whose work is shorter than their
+  # dispatch; up to 2 for larger steps in runs of 100,000 steps or more; else 1.
   training.steps_per_call = -1
   # The training loss's output projection and cross-entropy over this many tokens at a time (whole
   # positions of every row), never holding all [B, L, V] logits: 0 = all at once; -1 = by device

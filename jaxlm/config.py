@@ -308,23 +308,29 @@ def compiler_options(gpu_matmuls: str) -> dict:
 # its GPU config (590 GFLOP per step) trains an epoch in 2.4 s with 10 steps per call against 3.0-3.1
 # s with one on one H200 (whole runs, back to back; the bench's bare loop timed both alike), and
 # 1.17x faster on two (295 GFLOP per GPU). Steps of SMALL_STEP_FLOPS or more keep a GPU busy by
-# themselves; they still run two per call, as one iteration of the scan's loop (train_steps): the
-# GPT-2-small shape's 12.6 TFLOP step 31.35-31.48 ms against 31.85-31.88 ms with one per call
-# (an H200, alternated), for a second compile time (about 20 s more, once per run).
+# themselves; two per call, one iteration of the scan's loop (train_steps), are still 1.2-1.6%
+# faster (the GPT-2-small shape's 12.6 TFLOP step: 31.35-31.48 ms against 31.78-31.88 ms on an H200,
+# alternated) but compile for about 20 s more, and a run whose epochs (or checkpoint_every_steps)
+# have an odd number of steps compiles the single step too: only a run of LONG_RUN_STEPS or more wins
+# that back (0.4-0.5 ms a step: 40-50 s).
 ACCELERATOR_STEPS_PER_CALL = 16
 LARGE_STEPS_PER_CALL = 2
+LONG_RUN_STEPS = 100_000
 SMALL_STEP_FLOPS = 1e12  # per device
 
 
-def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device, flops_per_device_step: float) -> int:
+def steps_per_call(config: ml_collections.ConfigDict, device: jax.Device, flops_per_device_step: float,
+                   run_steps: int) -> int:
   """training.steps_per_call; auto (-1): one on a CPU; on an accelerator the largest divisor of
-  training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL, or up to LARGE_STEPS_PER_CALL for a step
-  of SMALL_STEP_FLOPS or more per device (calls then end on logging boundaries without a shorter call
-  in between)."""
+  training.log_every_steps up to ACCELERATOR_STEPS_PER_CALL, or for a step of SMALL_STEP_FLOPS or
+  more per device up to LARGE_STEPS_PER_CALL in a run of LONG_RUN_STEPS or more and else one (calls
+  then end on logging boundaries without a shorter call in between)."""
   if config.training.steps_per_call != -1:
     return config.training.steps_per_call
   if device.platform == "cpu":
     return 1
-  most = LARGE_STEPS_PER_CALL if flops_per_device_step >= SMALL_STEP_FLOPS else ACCELERATOR_STEPS_PER_CALL
+  most = ACCELERATOR_STEPS_PER_CALL
+  if flops_per_device_step >= SMALL_STEP_FLOPS:
+    most = LARGE_STEPS_PER_CALL if run_steps >= LONG_RUN_STEPS else 1
   every = config.training.log_every_steps
   return max(k for k in range(1, most + 1) if every % k == 0)

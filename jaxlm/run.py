@@ -320,7 +320,8 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
   train = train_lib.setup(config, corpus.vocab_size, num_steps)
   return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
-                config_lib.steps_per_call(config, train.device, train.flops_per_device_step))
+                config_lib.steps_per_call(config, train.device, train.flops_per_device_step,
+                                          config.training.epochs * steps_per_epoch))
 
 
 def _print_setup(s: _Setup) -> None:
@@ -466,15 +467,22 @@ class _Run:
     steps_run, compile_s, pending, unlogged = 0, 0.0, [], None
     # One transfer per logging interval, [n] per call: the device runs ahead in between.
     fetch = lambda metrics: [dict(zip(m, v)) for m in jax.device_get(metrics) for v in zip(*m.values())]  # noqa: E731
+
+    def log_unlogged():
+      nonlocal unlogged
+      if unlogged:
+        self.log_steps(epoch, unlogged[0], fetch(unlogged[1]))
+        unlogged = None
+
     while self.step < end:
       n = self._call_length(end)
+      if n not in self.programs:  # before a compile, which restarts the progress line's clock
+        log_unlogged()
       program, compile_s = self._program(n, seqs, order, compile_s)
       self.state, step_metrics = program(self.state, seqs, order, np.int32(self.step - first))
       pending.append(step_metrics)
       self.step, steps_run = self.step + n, steps_run + n
-      if unlogged:  # the interval before, fetched now that this call is queued
-        self.log_steps(epoch, unlogged[0], fetch(unlogged[1]))
-        unlogged = None
+      log_unlogged()  # the interval before, fetched now that this call is queued
       boundary = self.step % t.log_every_steps == 0 or self.step == end
       # Several processes compare notes at log boundaries only; one checks after every call.
       agree = boundary or jax.process_count() == 1

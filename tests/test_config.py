@@ -212,23 +212,27 @@ def test_gpu_matmuls_auto_is_cublas_alone_for_big_steps_on_a_gpu_and_xla_elsewhe
     config_lib.validate(c)
 
 
-def test_steps_per_call_auto_is_one_on_a_cpu_two_for_big_steps_and_divides_the_log_interval():
+def test_steps_per_call_auto_is_one_on_a_cpu_two_for_big_steps_of_long_runs_and_divides_the_log_interval():
   import jax
   c = load_config()
-  small, big = 8.5e9, 5.9e11  # FLOPs per step: the base config at batch 2, the GPU config at batch 32
-  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], small) == 1
-  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], 1.26e13) == 1
-  assert config_lib.steps_per_call(c, _Gpu(), small) == 10  # log_every_steps 100
-  assert config_lib.steps_per_call(c, _Gpu(), big) == 10  # a whole run's epoch: 2.4 s against 3.0-3.1 s
-  assert config_lib.steps_per_call(c, _Gpu(), 1.26e13) == 2  # GPT-2-small's step: one loop iteration of two
-  assert config_lib.steps_per_call(c, _Gpu(), 6.3e12) == 2  # the same per GPU of two
+  small, big, gpt2 = 8.5e9, 5.9e11, 1.26e13  # FLOPs per step: base config at batch 2, GPU config, GPT-2-small
+  runs = 3 * 290, 10**6  # steps in a run: short, long
+  cpu = jax.devices("cpu")[0]
+  assert [config_lib.steps_per_call(c, cpu, f, n) for f in (small, gpt2) for n in runs] == [1, 1, 1, 1]
+  assert config_lib.steps_per_call(c, _Gpu(), small, runs[0]) == 10  # log_every_steps 100
+  assert config_lib.steps_per_call(c, _Gpu(), big, runs[0]) == 10  # a whole run's epoch: 2.4 s against 3.0-3.1 s
+  assert config_lib.steps_per_call(c, _Gpu(), gpt2, runs[0]) == 1  # the second program's compile not won back
+  assert config_lib.steps_per_call(c, _Gpu(), gpt2, runs[1]) == 2  # one loop iteration of two: 1.2-1.6% faster
+  assert config_lib.steps_per_call(c, _Gpu(), gpt2 / 2, runs[1]) == 2  # the same per GPU of two
+  long_run = config_lib.LONG_RUN_STEPS
+  assert [config_lib.steps_per_call(c, _Gpu(), gpt2, n) for n in (long_run - 1, long_run)] == [1, 2]
   c.training.log_every_steps = 64
-  assert config_lib.steps_per_call(c, _Gpu(), small) == 16
+  assert config_lib.steps_per_call(c, _Gpu(), small, runs[0]) == 16
   c.training.log_every_steps = 7
-  assert config_lib.steps_per_call(c, _Gpu(), small) == 7
-  assert config_lib.steps_per_call(c, _Gpu(), 1.26e13) == 1  # no shorter call between two log lines
+  assert config_lib.steps_per_call(c, _Gpu(), small, runs[0]) == 7
+  assert config_lib.steps_per_call(c, _Gpu(), gpt2, runs[1]) == 1  # no shorter call between two log lines
   c.training.steps_per_call = 5
-  assert config_lib.steps_per_call(c, jax.devices("cpu")[0], big) == 5
+  assert config_lib.steps_per_call(c, cpu, big, runs[0]) == 5
   c.training.steps_per_call = 0
   with pytest.raises(config_lib.ConfigError, match="'training.steps_per_call' = 0 must be > 0, or -1"):
     config_lib.validate(c)

@@ -333,6 +333,20 @@ def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_co
   assert [p for p in ours if p[0] not in (10,)] == [p for p in theirs if p[0] not in (10,)]
 
 
+def test_progress_is_logged_with_its_rate_when_the_call_after_a_log_line_compiles(tiny_config, capsys):
+  """A log line's metrics wait for the next call; when that call needs a new program (single steps
+  up to a save), they are logged before the compile, which restarts the progress clock."""
+  tiny_config.training.epochs = 1
+  tiny_config.training.steps_per_call = 5
+  tiny_config.training.checkpoint_every_steps = 7  # after step 5: single steps up to the save at 7
+  run_lib.train_and_evaluate(tiny_config)
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1 step ")]
+  assert [line.split()[3] for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
+  assert not [line for line in lines if " 0 tok/s" in line], lines
+  rates = scalars(tiny_config.workdir)["train/tokens_per_s"]
+  assert [s for s, _ in rates] == [5, 10, 15, 20] and min(r for _, r in rates) > 0
+
+
 def test_the_weights_moving_average_is_evaluated_kept_and_used_and_resumes_exactly(tiny_config, tmp_path,
                                                                                     monkeypatch):
   """training.ema_decay: validation and test measure the average, `best` keeps it beside the
