@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -76,6 +76,12 @@ for section in "$@"; do
     run python3 -m jaxlm.main --config=configs/gpu.py --config.data.data_dir=.gpu/wikitext-2-x5 \
         --config.workdir=/tmp/runv --config.training.epochs=2 --config.sample.max_new_tokens=0
     cp /tmp/runv/metrics.jsonl $OUT/verify_2gpu_metrics.jsonl ;;
+  retime)  # the GPT-2-small shape on 1 GPU and on 2 (data parallel) with today's code, at 1 step per
+           # call and at 2 (the default for large steps in runs of 100,000 steps or more)
+    for k in 1 2; do
+      run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 --repeats=2 --steps_per_call=$k
+      run $bench --config.training.batch_size=32 --steps=20 --repeats=2 --steps_per_call=$k
+    done ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)
