@@ -24,6 +24,9 @@ gpt2="--config.training.batch_size=16 --config.data.seq_length=1024 --config.mod
 # The GPU config as a run calls it (16 steps per call), and the GPT-2-small shape, as most sections time them
 gpu16="$bench $gpu --modes=calls --steps_per_call=16 --steps=320"
 gpt2_20="$bench $gpt2 --steps=20 --modes=calls"
+# The PyTorch baseline (torch.compile + bf16) at the GPT-2-small shape
+torch_gpt2="python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
+            --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16"
 mkdir -p $OUT
 variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and train.py edited runs
               # COMMAND with its compiled programs dumped; then the train step's transpose fusions
@@ -201,13 +204,11 @@ for section in "$@"; do
     done
     for r in old1 new1 old2 new2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_${r}_metrics.jsonl; done
     run $gpt2_20 --steps_per_call=1,2
-    run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
-      --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
+    run $torch_gpt2 ;;
   gpt2percall)  # the GPT-2-small shape at 1 and 2 steps per call, alternated, then torch.compile's at that shape
     run $gpt2_20 --steps_per_call=1,2,1,2
-    run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
-      --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
-  syncs)  # (to run) the run's steps take 3.43-3.54 ms against the bench's 3.30-3.34: whole 2-epoch
+    run $torch_gpt2 ;;
+  syncs)  # the run's steps take 3.43-3.54 ms against the bench's 3.30-3.34: whole 2-epoch
           # GPU-config runs logging every 100 steps (host syncs at five log lines and the epoch's end)
           # and every 580 (the epoch's end alone); then the base config at batch 2, 10 steps per call, with one step per scan
           # iteration against two (the default), alternated
@@ -231,8 +232,7 @@ for section in "$@"; do
   torch)  # the PyTorch baseline, torch.compile + bf16
     run python3 .gpu/torch_ref/train.py --bench-steps 100 --vocab-size 8192 --batch-size 32 --dim-model 512 \
       --num-layers 6 --num-heads 8 --dim-ff 2048 --tf32 --compile --bf16
-    run python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
-      --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16 ;;
+    run $torch_gpt2 ;;
   train)  # whole runs on the 2.38M-token train split: the GPU config (3 epochs), the base config, batch 2
     run $train $gpu --config.workdir=/tmp/runs/gpu
     run $train --config.training.epochs=2 --config.workdir=/tmp/runs/base

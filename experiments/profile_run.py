@@ -15,17 +15,19 @@ import json
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import run as run_lib
+from jaxlm.cli import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/gpu.py")
 _EPOCH = flags.DEFINE_integer("trace_epoch", 2, "the epoch to trace (its training steps and its end)")
 _DIR = flags.DEFINE_string("trace_dir", "/tmp/trace_run", "where the trace goes")
 _GAPS = flags.DEFINE_integer("gaps", 12, "how many of the longest idle gaps to print")
-_ANNOTATED = ("train_epoch", "end_epoch", "log_steps", "agreed", "evaluate", "sample", "save", "epoch_saves",
-              "epoch_sequences", "_program")
+_ANNOTATED = ("train_epoch", "end_epoch", "log_steps", "agreed", "evaluate", "sample", "save", "epoch_sequences",
+              "_program")
 
 
 def _annotate(cls, timings: dict) -> None:
@@ -76,8 +78,10 @@ def _annotate(cls, timings: dict) -> None:
 
 def gaps_report(trace_dir: str, count: int) -> list[dict]:
   """Rows: per GPU, its kernels' span, busy time and idle gaps by size; then the `count` longest gaps."""
-  (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[-1:]
-  with gzip.open(path) as f:
+  traces = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))  # the newest last
+  if not traces:
+    raise UserError(f"no trace in {trace_dir}: the run ended before epoch {_EPOCH.value} (early stopping?)")
+  with gzip.open(traces[-1]) as f:
     events = json.load(f)["traceEvents"]
   names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   gpu_pids = {p for p, n in names.items() if "/device:" in n and "CPU" not in n}
@@ -128,6 +132,8 @@ def gaps_report(trace_dir: str, count: int) -> list[dict]:
 
 def main(argv):
   del argv
+  if not 1 <= _EPOCH.value <= _CONFIG.value.training.epochs:
+    raise UserError(f"--trace_epoch={_EPOCH.value}: the run has epochs 1 to {_CONFIG.value.training.epochs}")
   timings = collections.defaultdict(lambda: collections.defaultdict(float))
   _annotate(run_lib._Run, timings)
   run_lib.train_and_evaluate(_CONFIG.value, fresh=True)
@@ -139,4 +145,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, config_flag="config")
