@@ -12,6 +12,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.workdir = "runs/experiment_1"  # metrics.jsonl, tensorboard/, checkpoints/{last,best}
   config.device = "auto"  # auto | cpu | gpu (alias: cuda) | tpu; auto lets JAX choose
+  # Compiled programs kept across runs (JAX's persistent compilation cache, for programs that took 1 s
+  # or more): a resumed or repeated run loads its training step instead of compiling it again (the
+  # GPU config's: 3 s instead of 25 s on an H200). "" = none set here (JAX_COMPILATION_CACHE_DIR applies).
+  config.compile_cache_dir = "~/.cache/jaxlm/xla"
 
   # How the run spreads over the devices of that platform (every GPU of every host): a mesh of
   # data x fsdp devices. Both axes split the batch; `fsdp` also shards the parameters and the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -82,6 +82,18 @@ for section in "$@"; do
       run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 --repeats=2 --steps_per_call=$k
       run $bench --config.training.batch_size=32 --steps=20 --repeats=2 --steps_per_call=$k
     done ;;
+  retime2)  # fsdp re-timed (with retime's data parallel beside it): the GPT-2-small shape on 1 GPU, 2 data
+            # parallel, 2 fsdp, 1 again; then whole 3-epoch runs of the GPU config on 2 GPUs and on 1
+            # (validation in calls of up to 16 batches, log lines fetched once the next call is queued)
+    export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 --repeats=2
+    run $bench --config.training.batch_size=32 --steps=20 --repeats=2
+    run $bench --config.training.batch_size=32 --steps=20 --repeats=2 --config.mesh.fsdp=2
+    run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 --repeats=2
+    common="--config=configs/gpu.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.training.epochs=3"
+    run python3 -m jaxlm.main $common --config.workdir=/tmp/run_2gpu
+    run CUDA_VISIBLE_DEVICES=0 python3 -m jaxlm.main $common --config.workdir=/tmp/run_1gpu
+    for r in 2gpu 1gpu; do cp /tmp/run_$r/metrics.jsonl $OUT/retime2_${r}_metrics.jsonl; done ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)

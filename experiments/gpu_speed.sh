@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|gpt2percall|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -205,6 +205,41 @@ for section in "$@"; do
     for r in old1 new1 old2 new2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_${r}_metrics.jsonl; done
     run $gpt2_20 --steps_per_call=1,2
     run $torch_gpt2 ;;
+  evalcalls)  # (run with validation's calls a loop over a count of batches, not kept: see `evalfinal`)
+              # validation in calls of 16 batches (now) against one batch per call (f7a4c64, unpacked in
+              # .gpu/tree_old: `git archive f7a4c64 jaxlm configs experiments | tar -x -C .gpu/tree_old`) and
+              # now with `best` saved in the background too (its wait dropped: what the two saves' writes
+              # behind the next epoch cost it); whole 3-epoch GPU-config runs alternated, each method's
+              # wall time per epoch (profile_run, epoch 3 traced); one compilation cache for all, so that
+              # only the first compiles the (identical) training program
+    export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+    rm -rf /tmp/v_old /tmp/v_bgbest; mkdir /tmp/v_old /tmp/v_bgbest
+    cp -r .gpu/tree_old/* /tmp/v_old/; cp -r jaxlm configs experiments /tmp/v_bgbest/
+    sed -i 's/self.save("best", wait=True, /self.save("best", /' /tmp/v_bgbest/jaxlm/run.py
+    git diff --no-index --stat jaxlm /tmp/v_bgbest/jaxlm | tail -1 | tee -a $OUT/log.txt
+    for t in old bgbest; do ln -s $PWD/.gpu $PWD/data /tmp/v_$t/; done
+    prof="python3 experiments/profile_run.py ${train#python3 -m jaxlm.main} $gpu --config.training.epochs=3 --trace_epoch=3"
+    for i in 1 2; do
+      for t in old new bgbest; do
+        d=$PWD; [ $t = new ] || d=/tmp/v_$t
+        (cd $d && run env PYTHONPATH=/tmp/site:$d $prof --trace_dir=/tmp/trace_$t$i --config.workdir=/tmp/runs/$t$i)
+        cp /tmp/runs/$t$i/metrics.jsonl $OUT/train_gpu_evalcalls_$t${i}_metrics.jsonl
+      done
+    done
+    unset JAX_COMPILATION_CACHE_DIR ;;
+  evalfinal)  # whole 4-epoch GPU-config runs, the code before (f7a4c64 in .gpu/tree_old, as for `evalcalls`) and
+              # now (validation's batches in a scan of up to 16 per call), alternated; now's runs use
+              # the default compile cache (config.compile_cache_dir, empty on a fresh machine: the
+              # first compiles, the second loads), the old code's one of their own; then the base config
+    rm -rf /tmp/v_old; mkdir /tmp/v_old; cp -r .gpu/tree_old/* /tmp/v_old/; ln -s $PWD/.gpu $PWD/data /tmp/v_old/
+    for i in 1 2; do
+      (cd /tmp/v_old && run env PYTHONPATH=/tmp/site:/tmp/v_old JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache_old \
+         $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/old$i)
+      run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/new$i
+    done
+    ls ~/.cache/jaxlm/xla | grep -c . | sed 's/^/programs in the default compile cache: /' | tee -a $OUT/log.txt
+    run $train --config.training.epochs=2 --config.workdir=/tmp/runs/base
+    for r in old1 new1 old2 new2 base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_evalfinal_${r}_metrics.jsonl; done ;;
   gpt2percall)  # the GPT-2-small shape at 1 and 2 steps per call, alternated, then torch.compile's at that shape
     run $gpt2_20 --steps_per_call=1,2,1,2
     run $torch_gpt2 ;;

@@ -88,8 +88,11 @@ def gaps_report(trace_dir: str, count: int) -> list[dict]:
   every = [(e["ts"], e["ts"] + e.get("dur", 0), e["name"][:60]) for e in events
            if e.get("ph") == "X" and e["pid"] not in gpu_pids]
   host = [h for h in every if h[2].startswith("run.")]
-  rows = [{"host": name, "ms": round(sum(b - a for a, b, n in host if n == name) / 1e3, 2),
-           "calls": sum(n == name for _, _, n in host)} for name in sorted({n for _, _, n in host})]
+  rows = []
+  for name in sorted({n for _, _, n in host}):
+    each = [round((b - a) / 1e3, 2) for a, b, n in host if n == name]
+    rows.append({"host": name, "ms": round(sum(each), 2), "calls": len(each),
+                 **({"each_ms": each} if len(each) <= 4 else {})})
   kernels = collections.defaultdict(list)
   for e in events:
     if e.get("ph") == "X" and e["pid"] in gpu_pids:

@@ -4,6 +4,7 @@ The values live in `configs/base.py`; this module says what each key may hold, c
 before any work, and turns the `auto` settings into concrete choices.
 """
 import importlib.util
+import os
 from typing import Any, Callable
 
 import jax
@@ -39,6 +40,7 @@ _ANY = lambda v: True  # noqa: E731
 SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "workdir": (str, lambda v: bool(v) or "must name a directory"),
     "device": (str, _one_of("auto", "cpu", "gpu", "cuda", "tpu")),
+    "compile_cache_dir": (str, _ANY),
     "mesh.data": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for the devices mesh.fsdp leaves"),
     "mesh.fsdp": (int, lambda v: v == -1 or v > 0 or "must be > 0, or -1 for the devices mesh.data leaves"),
     "data.dataset_name": (str, _ANY),
@@ -110,7 +112,7 @@ ADDED_KEYS = {
     "training.steps_per_call": -1, "mesh.data": -1, "mesh.fsdp": 1, "data.shift_windows": False,
     "training.loss_chunk": -1, "training.gpu_matmuls": "xla",
     "sample.prompt": " The", "sample.max_new_tokens": 48, "sample.temperature": 0.8, "sample.top_k": 200,
-    "sample.top_p": 1.0, "sample.seed": 0,
+    "sample.top_p": 1.0, "sample.seed": 0, "compile_cache_dir": "",
 }
 
 
@@ -118,8 +120,8 @@ def upgrade(saved: dict) -> dict:
   """A config saved by an earlier version (a checkpoint's, as a dict) with the keys added since."""
   saved = {group: dict(value) if isinstance(value, dict) else value for group, value in saved.items()}
   for key, value in ADDED_KEYS.items():
-    group, name = key.split(".")
-    saved.setdefault(group, {}).setdefault(name, value)
+    *group, name = key.split(".")
+    (saved.setdefault(group[0], {}) if group else saved).setdefault(name, value)
   return saved
 
 
@@ -226,6 +228,22 @@ def select_device(config: ml_collections.ConfigDict) -> jax.Device:
   """This process's first device of that platform: where inference runs, and what a run's choices
   (dtype, attention kernel, peak FLOP/s) are made for."""
   return next(d for d in select_devices(config) if d.process_index == jax.process_index())
+
+
+def use_compile_cache(config: ml_collections.ConfigDict) -> None:
+  """Points JAX's persistent compilation cache at config.compile_cache_dir, unless JAX has one
+  already (JAX_COMPILATION_CACHE_DIR, or an earlier run in this process: JAX reads the setting once,
+  at its first compile). A folder that cannot be made is reported and compiling goes on without it."""
+  if not config.compile_cache_dir or jax.config.jax_compilation_cache_dir:
+    return
+  path = os.path.abspath(os.path.expanduser(config.compile_cache_dir))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    print(f"warning: config key 'compile_cache_dir' = {config.compile_cache_dir!r}: {path} cannot be made "
+          f"({e.strerror}); compiling without a cache (set another folder, or '' for none)", flush=True)
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
 
 
 def compute_dtype(config: ml_collections.ConfigDict, device: jax.Device) -> jnp.dtype:

@@ -41,16 +41,21 @@ def describe_mode(context: int, stride: int) -> str:
   return f"sliding window of {context} tokens, stride {stride}"
 
 
+def _starts(n: int, context: int, stride: int) -> np.ndarray:
+  """Where the windows over n tokens start: the last is the first >= n - context."""
+  if not 1 <= stride <= context - 1:
+    raise EvaluateError(f"stride = {stride} must be between 1 and the context - 1 = {context - 1}")
+  if n < 2:
+    raise EvaluateError(f"the split has {n} token(s): nothing to predict")
+  return np.arange(0, max(n - context, 0) + stride, stride)
+
+
 def windows(tokens: np.ndarray, context: int, stride: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(int32 [batch_size, context] tokens, bool [batch_size, context - 1] weights of the targets each
   window scores: target j is token j + 1). The last batch is padded with windows of weight 0, so
   that one compiled step serves every batch."""
   n = len(tokens)
-  if not 1 <= stride <= context - 1:
-    raise EvaluateError(f"stride = {stride} must be between 1 and the context - 1 = {context - 1}")
-  if n < 2:
-    raise EvaluateError(f"the split has {n} token(s): nothing to predict")
-  starts = np.arange(0, max(n - context, 0) + stride, stride)  # the last is the first >= n - context
+  starts = _starts(n, context, stride)
   target = np.arange(1, context)
   for i in range(0, len(starts), batch_size):
     s_B1 = np.pad(starts[i:i + batch_size], (0, max(0, i + batch_size - len(starts))), constant_values=n)[:, None]
@@ -60,42 +65,76 @@ def windows(tokens: np.ndarray, context: int, stride: int, batch_size: int) -> I
     yield ids, weights
 
 
-def make_eval_step(apply_fn, mesh: jax.sharding.Mesh | None = None, params_shardings=None) -> Callable:
-  """(params, tokens_BW, weights_BT) -> (summed loss, scored token count), jitted. With a mesh, the
-  params are laid out as `params_shardings` and each (host) batch is split over the mesh's devices,
-  so its size must be a multiple of `sharding.batch_multiple(mesh)`."""
+# Most batches per call of the eval step on an accelerator, where a call of one small batch costs more
+# in dispatch and transfers than the batch's compute (validation of the guide's GPU config: 40-53 ms in
+# 27 calls on an H200). One on a CPU, where a batch outweighs its call and a stop should be heard soon.
+ACCELERATOR_BATCHES_PER_CALL = 16
 
-  def eval_step(params, tokens_BW, weights_BT):
+
+def batches_per_call(platform: str) -> int:
+  return 1 if platform == "cpu" else ACCELERATOR_BATCHES_PER_CALL
+
+
+def calls(tokens: np.ndarray, context: int, stride: int, batch_size: int,
+          most: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`windows`' batches K at a time, K <= `most` spreading them evenly over the fewest calls: (int32
+  [K, B, context] tokens, bool [K, B, context - 1] weights); the last call's missing batches (fewer
+  than the calls) are windows of weight 0."""
+  num_batches = -(-len(_starts(len(tokens), context, stride)) // batch_size)
+  per_call = -(-num_batches // -(-num_batches // most))
+  group = []
+  for batch in windows(tokens, context, stride, batch_size):
+    group.append(batch)
+    if len(group) == per_call:
+      yield np.stack([b[0] for b in group]), np.stack([b[1] for b in group])
+      group = []
+  if group:
+    yield tuple(np.stack([b[i] for b in group] + [np.zeros_like(group[0][i])] * (per_call - len(group)))
+                for i in (0, 1))
+
+
+def make_eval_step(apply_fn, mesh: jax.sharding.Mesh | None = None, params_shardings=None) -> Callable:
+  """(params, tokens_KBW, weights_KBT) -> (float32 [K] summed loss, int32 [K] scored token count) of
+  each of K batches, jitted; one batch at a time (a scan), so memory is a batch's whatever K. With a
+  mesh, the params are laid out as `params_shardings` and each (host) batch is split over the mesh's
+  devices, so its size must be a multiple of `sharding.batch_multiple(mesh)`."""
+
+  def eval_batch(params, tokens_BW, weights_BT):
     logits_BWV = apply_fn({"params": params}, tokens_BW, deterministic=True)
     losses_BT = model_lib.next_token_losses(logits_BWV, tokens_BW)
-    return jnp.sum(jnp.where(weights_BT, losses_BT, 0.0)), jnp.sum(weights_BT, dtype=jnp.int32)
+    return jnp.sum(jnp.where(weights_BT, losses_BT, 0.0), dtype=jnp.float32), jnp.sum(weights_BT, dtype=jnp.int32)
 
+  # A trip count known when compiling: a loop over an argument's count would copy its condition to
+  # the host after every batch on a GPU.
+  eval_batches = lambda params, tokens_KBW, weights_KBT: jax.lax.map(  # noqa: E731
+      lambda batch: eval_batch(params, *batch), (tokens_KBW, weights_KBT))
   if mesh is None:
-    return jax.jit(eval_step)
-  batch = sharding_lib.batch(mesh)
-  step = jax.jit(eval_step, in_shardings=(params_shardings, batch, batch),
+    return jax.jit(eval_batches)
+  batches = sharding_lib.batches(mesh)
+  step = jax.jit(eval_batches, in_shardings=(params_shardings, batches, batches),
                  out_shardings=sharding_lib.replicated(mesh))
-  # Every process holds the whole host batch; each device gets its rows of it.
-  return lambda params, tokens_BW, weights_BT: step(params, sharding_lib.put(tokens_BW, batch),
-                                                    sharding_lib.put(weights_BT, batch))
+  # Every process holds the whole host batches; each device gets its rows of each.
+  return lambda params, tokens_KBW, weights_KBT: step(params, sharding_lib.put(tokens_KBW, batches),
+                                                      sharding_lib.put(weights_KBT, batches))
 
 
 def evaluate(eval_step, params, tokens: np.ndarray, token_bytes: np.ndarray, num_words: int | None,
-             context: int, stride: int | None = None, batch_size: int = 16,
+             context: int, stride: int | None = None, batch_size: int = 16, per_call: int = 1,
              stop: Callable[[], bool] = lambda: False) -> dict | None:
-  """Loss, perplexity, bits per byte and word-level perplexity of `tokens` (one split), or None if
-  `stop()` turned true on the way (checked between batches: a stop waits at most for two)."""
+  """Loss, perplexity, bits per byte and word-level perplexity of `tokens` (one split), up to
+  `per_call` batches per call of `eval_step` (`batches_per_call`), or None if `stop()` turned true on
+  the way (checked between calls: a stop waits at most for two)."""
   stride = context - 1 if stride is None else stride
   in_flight, sums = [], []
-  for batch in windows(tokens, context, stride, batch_size):
+  for ids, weights in calls(tokens, context, stride, batch_size, per_call):
     if stop():
       return None
-    in_flight.append(eval_step(params, *batch))
+    in_flight.append(eval_step(params, ids, weights))
     if len(in_flight) > 2:  # the device works ahead, but not far: a stop is heard quickly
       sums.append(jax.device_get(in_flight.pop(0)))
   sums += jax.device_get(in_flight)
-  nats = math.fsum(float(s) for s, _ in sums)
-  count = sum(int(c) for _, c in sums)
+  nats = math.fsum(float(s) for batch_sums, _ in sums for s in batch_sums)
+  count = sum(int(c) for _, counts in sums for c in counts)
   num_bytes = int(token_bytes[np.asarray(tokens[1:], np.int64)].sum())
   assert count == len(tokens) - 1, (count, len(tokens))  # every token but the first, once
   loss = nats / count
@@ -162,7 +201,7 @@ def main(argv) -> None:
   print(f"{trained.path}: {FLAGS.split} split of {where}, {len(tokens):,} tokens", file=sys.stderr, flush=True)
   result = evaluate(make_eval_step(trained.model.apply), trained.params, tokens,
                     data.token_byte_lengths(trained.tokenizer), data.count_words(lines), context, FLAGS.stride,
-                    FLAGS.batch_size or config.training.eval_batch_size)
+                    FLAGS.batch_size or config.training.eval_batch_size, batches_per_call(trained.device.platform))
   result = {"workdir": os.path.abspath(FLAGS.workdir), "checkpoint": FLAGS.checkpoint,
             "step": trained.meta["global_step"], "split": FLAGS.split, **result}
   print(json.dumps(result) if FLAGS.json else summary_line(FLAGS.split, result), flush=True)

@@ -196,7 +196,7 @@ def _primary_first(fn: Callable[[], Any], what: str) -> Any:
 
 
 # Evaluation batches between two checks that every process agrees there is no stop request (a
-# collective): a stop during validation waits for at most this many batches.
+# collective): a stop during validation waits for about this many batches (at least a call's).
 EVAL_AGREE_EVERY = 8
 
 
@@ -305,6 +305,7 @@ class _Setup:
 
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
+  config_lib.use_compile_cache(config)
   # A device, a mesh, an attention kernel or cuBLAS matmuls that cannot work fail before the data is read.
   device = config_lib.select_device(config)
   config_lib.compute_dtype(config, device)
@@ -622,13 +623,14 @@ class _Run:
     # A batch that every device gets an equal share of; the padding windows are weighted 0.
     multiple = sharding_lib.batch_multiple(self.s.train.mesh)
     batch_size = -(-self.config.training.eval_batch_size // multiple) * multiple
-    # Checked before each batch; several processes compare notes before every EVAL_AGREE_EVERY-th
+    per_call = evaluate_lib.batches_per_call(self.s.train.device.platform)
+    # Checked before each call; several processes compare notes about every EVAL_AGREE_EVERY batches
     # (they walk the same windows, so they call this at the same points).
-    every, batches = (1 if jax.process_count() == 1 else EVAL_AGREE_EVERY), itertools.count()
-    stop = lambda: next(batches) % every == 0 and self.agreed_stop() is not None  # noqa: E731
+    every, calls = (1 if jax.process_count() == 1 else max(1, EVAL_AGREE_EVERY // per_call)), itertools.count()
+    stop = lambda: next(calls) % every == 0 and self.agreed_stop() is not None  # noqa: E731
     return evaluate_lib.evaluate(self.eval_fn, self.state.model_params if params is None else params,
                                  corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
-                                 self.config.data.seq_length, batch_size=batch_size, stop=stop)
+                                 self.config.data.seq_length, batch_size=batch_size, per_call=per_call, stop=stop)
 
   def _make_sampler(self) -> tuple:
     """(the jitted sampler, the prompt's ids) for samples while training; (None, None) when off."""

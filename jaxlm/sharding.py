@@ -69,6 +69,11 @@ def batch(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH))
 
 
+def batches(mesh: Mesh) -> NamedSharding:
+  """[K, B, ...] arrays, K batches each split like `batch`."""
+  return NamedSharding(mesh, PartitionSpec(None, BATCH))
+
+
 def batch_multiple(mesh: Mesh) -> int:
   """Batches must be a multiple of this: the devices the batch axis is split over."""
   return mesh.shape[DATA] * mesh.shape[FSDP]

@@ -140,7 +140,8 @@ class TrainedModel:
   """What a checkpoint of a work directory holds for inference."""
   config: ml_collections.ConfigDict  # the config the checkpoint was saved with
   model: model_lib.Transformer
-  params: dict  # numpy arrays
+  params: dict  # on `device`
+  device: jax.Device
   meta: dict  # the checkpoint's metadata (epoch, global step, validation loss, ...)
   tokenizer: object  # tokenizers.Tokenizer
   path: str  # the checkpoint read
@@ -184,6 +185,7 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
     raise WorkdirError(f"{path} was saved with a config this version of jaxlm cannot use ({e}): train it again, "
                        f"with --fresh") from None
   config.device = device
+  config_lib.use_compile_cache(config)
   try:
     dev = config_lib.select_device(config)
   except (config_lib.ConfigError, KeyError):
@@ -195,4 +197,5 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
   dtype = config_lib.compute_dtype(config, dev)
   model = model_lib.build(config, vocab_size, dtype, config_lib.attention_kernel(config, dev, dtype))
   params = jax.device_put(params, dev)
-  return TrainedModel(config=config, model=model, params=params, meta=meta, tokenizer=tokenizer, path=path)
+  return TrainedModel(config=config, model=model, params=params, device=dev, meta=meta, tokenizer=tokenizer,
+                      path=path)

@@ -241,14 +241,15 @@ def test_steps_per_call_auto_is_one_on_a_cpu_two_for_big_steps_of_long_runs_and_
 def test_a_config_saved_before_keys_were_added_still_validates():
   saved = load_config().to_dict()
   for key in config_lib.ADDED_KEYS:
-    group, name = key.split(".")
-    del saved[group][name]
+    *group, name = key.split(".")
+    del (saved[group[0]] if group else saved)[name]
   del saved["sample"]  # a whole group added later
   with pytest.raises(config_lib.ConfigError, match="is missing"):
     config_lib.validate(ml_collections.ConfigDict(saved))
   upgraded = ml_collections.ConfigDict(config_lib.upgrade(saved))
   config_lib.validate(upgraded)
   assert upgraded.training.steps_per_call == -1 and upgraded.model.activation == "gelu"
+  assert upgraded.compile_cache_dir == ""  # a top-level key too
   assert upgraded.model.d_model == saved["model"]["d_model"]  # what was saved is kept
   assert "sample" not in saved  # the saved dict itself is left as it was
 
@@ -270,3 +271,46 @@ def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, chan
   config_lib.validate(config)
   ours, base = config_lib.flatten(config), config_lib.flatten(load_config())
   assert {k: v for k, v in ours.items() if v != base[k] and k != "workdir"} == changes
+
+
+_COMPILE = """
+import sys
+import jax, jax.numpy as jnp
+from jaxlm import config as config_lib
+sys.path.insert(0, sys.argv[2])
+from conftest import load_config
+config = load_config()
+config.compile_cache_dir = sys.argv[1]
+config_lib.use_compile_cache(config)
+print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()))
+"""
+
+
+def test_compiled_programs_are_kept_in_compile_cache_dir_for_the_next_process(tmp_path):
+  import os
+  import subprocess
+
+  from conftest import subprocess_env
+  env = subprocess_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR")  # the tests' own cache
+  run = lambda cache_dir, **extra: subprocess.run(  # noqa: E731
+      [sys.executable, "-c", _COMPILE, cache_dir, os.path.dirname(__file__)], env=dict(env, **extra),
+      capture_output=True, text=True, timeout=300)
+  cache = tmp_path / "home" / "cache"
+  first, second = run(str(cache)), run(str(cache))
+  assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+  assert first.stdout == second.stdout
+  assert any(f.name.startswith("jit__lambda") for f in cache.iterdir())
+  assert "Persistent compilation cache hit for 'jit__lambda'" not in first.stderr
+  assert "Persistent compilation cache hit for 'jit__lambda'" in second.stderr
+  # JAX_COMPILATION_CACHE_DIR, when set, is the user's choice and wins; '' sets none
+  theirs = tmp_path / "theirs"
+  assert run(str(tmp_path / "ours"), JAX_COMPILATION_CACHE_DIR=str(theirs)).returncode == 0
+  assert any(theirs.iterdir()) and not (tmp_path / "ours").exists()
+  off = run("")
+  assert off.returncode == 0 and "cache hit" not in off.stderr
+  # A folder that cannot be made: one warning, and the program still compiles and runs
+  (tmp_path / "a_file").write_text("")
+  bad = run(str(tmp_path / "a_file" / "cache"))
+  assert bad.returncode == 0 and bad.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
+  assert "warning: config key 'compile_cache_dir'" in bad.stdout and "cannot be made" in bad.stdout

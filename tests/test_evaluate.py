@@ -38,6 +38,23 @@ def test_windows_score_every_token_but_the_first_exactly_once(n, context, stride
   assert scored[0] == 0 and (scored[1:] == 1).all()
 
 
+@pytest.mark.parametrize("n,most", [(50, 1), (50, 2), (50, 3), (9, 4), (120, 4), (120, 16), (300, 4)])
+def test_calls_hold_windows_batches_in_order_spread_evenly_over_the_fewest_calls(n, most):
+  tokens = np.arange(n)
+  batches = list(evaluate_lib.windows(tokens, 8, 7, 3))
+  got = list(evaluate_lib.calls(tokens, 8, 7, 3, most))
+  assert len(got) == -(-len(batches) // most)  # the fewest calls
+  K = got[0][0].shape[0]
+  assert K <= most and len(got) * K - len(batches) < len(got)  # fewer empty batches than calls
+  for ids, weights in got:
+    assert ids.shape == (K, 3, 8) and weights.shape == (K, 3, 7) and ids.dtype == np.int32
+  ids = np.concatenate([c[0] for c in got])
+  weights = np.concatenate([c[1] for c in got])
+  for k, (b_ids, b_weights) in enumerate(batches):
+    assert (ids[k] == b_ids).all() and (weights[k] == b_weights).all()
+  assert not weights[len(batches):].any()
+
+
 def test_bad_stride_is_an_error():
   for stride in (0, 8, -1):
     with pytest.raises(evaluate_lib.EvaluateError, match="stride"):
@@ -74,8 +91,8 @@ def test_evaluate_is_exact_whatever_the_batch_size(stride):
   token_bytes = np.arange(64) % 5 + 1
   eval_step = evaluate_lib.make_eval_step(model.apply)
   expected = reference_nats(model, params, tokens, 16, stride or 15)
-  results = [evaluate_lib.evaluate(eval_step, params, tokens, token_bytes, 20, 16, stride, batch_size)
-             for batch_size in (1, 3, 16)]
+  results = [evaluate_lib.evaluate(eval_step, params, tokens, token_bytes, 20, 16, stride, batch_size, per_call)
+             for batch_size, per_call in ((1, 1), (3, 1), (16, 1), (1, 4), (3, 2), (2, 16))]
   for r in results:
     assert r["tokens"] == len(tokens) - 1
     assert r["loss"] == pytest.approx(expected / (len(tokens) - 1), rel=1e-5)
@@ -99,12 +116,27 @@ def test_a_split_shorter_than_the_context_is_one_forward_pass_in_every_mode():
     assert r["loss"] == pytest.approx(expected, rel=1e-6) and r["word_perplexity"] is None
 
 
+def test_the_eval_step_sums_each_of_its_batches_as_a_call_of_that_batch_alone():
+  model, params = small_model()
+  ids, weights = next(evaluate_lib.calls(np.arange(200) % 64, 16, 15, 2, 3))
+  eval_step = evaluate_lib.make_eval_step(model.apply)
+  nats, counts = jax.device_get(eval_step(params, ids, weights))
+  assert nats.shape == counts.shape == (3,) and (counts == 2 * 15).all()
+  for k in range(3):
+    alone = jax.device_get(eval_step(params, ids[k:k + 1], weights[k:k + 1]))
+    assert alone[0][0] == pytest.approx(nats[k], rel=1e-6) and alone[1][0] == counts[k]
+
+
 def test_evaluate_stops_when_asked():
   model, params = small_model()
   eval_step = evaluate_lib.make_eval_step(model.apply)
   calls = []
   result = evaluate_lib.evaluate(eval_step, params, np.arange(500) % 64, np.ones(64, int), None, 16,
                                  batch_size=2, stop=lambda: calls.append(1) or len(calls) > 3)
+  assert result is None and len(calls) == 4
+  calls.clear()  # several batches per call: asked before each call
+  result = evaluate_lib.evaluate(eval_step, params, np.arange(500) % 64, np.ones(64, int), None, 16,
+                                 batch_size=2, per_call=4, stop=lambda: calls.append(1) or len(calls) > 3)
   assert result is None and len(calls) == 4
 
 
