@@ -93,7 +93,8 @@ for section in "$@"; do
     common="--config=configs/gpu.py --config.data.data_dir=.gpu/wikitext-2-x5 --config.training.epochs=3"
     run python3 -m jaxlm.main $common --config.workdir=/tmp/run_2gpu
     run CUDA_VISIBLE_DEVICES=0 python3 -m jaxlm.main $common --config.workdir=/tmp/run_1gpu
-    for r in 2gpu 1gpu; do cp /tmp/run_$r/metrics.jsonl $OUT/retime2_${r}_metrics.jsonl; done ;;
+    for r in 2gpu 1gpu; do cp /tmp/run_$r/metrics.jsonl $OUT/retime2_${r}_metrics.jsonl; done
+    unset JAX_COMPILATION_CACHE_DIR ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|gpt2percall|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -240,6 +240,19 @@ for section in "$@"; do
     ls ~/.cache/jaxlm/xla | grep -c . | sed 's/^/programs in the default compile cache: /' | tee -a $OUT/log.txt
     run $train --config.training.epochs=2 --config.workdir=/tmp/runs/base
     for r in old1 new1 old2 new2 base; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_evalfinal_${r}_metrics.jsonl; done ;;
+  saveorder)  # an improving epoch's saves: `best` written and waited for, then `last` (3aa894d, unpacked in
+              # .gpu/tree_prev: `git archive 3aa894d jaxlm configs experiments | tar -x -C .gpu/tree_prev`)
+              # against `last`, then `best`, both in the background (the tree with
+              # results/2026-11-30_saveorder_not_kept.patch applied; not kept); whole 4-epoch GPU-config
+              # runs alternated, each method's wall time per epoch (profile_run, the last epoch traced)
+    rm -rf /tmp/v_prev; mkdir /tmp/v_prev; cp -r .gpu/tree_prev/* /tmp/v_prev/; ln -s $PWD/.gpu $PWD/data /tmp/v_prev/
+    prof="python3 experiments/profile_run.py ${train#python3 -m jaxlm.main} $gpu --config.training.epochs=4 --trace_epoch=4"
+    for i in 1 2; do
+      (cd /tmp/v_prev && run env PYTHONPATH=/tmp/site:/tmp/v_prev $prof --trace_dir=/tmp/trace_prev$i \
+         --config.workdir=/tmp/runs/prev$i)
+      run $prof --trace_dir=/tmp/trace_now$i --config.workdir=/tmp/runs/now$i
+    done
+    for r in prev1 now1 prev2 now2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_saveorder_${r}_metrics.jsonl; done ;;
   gpt2percall)  # the GPT-2-small shape at 1 and 2 steps per call, alternated, then torch.compile's at that shape
     run $gpt2_20 --steps_per_call=1,2,1,2
     run $torch_gpt2 ;;

@@ -5,6 +5,7 @@ before any work, and turns the `auto` settings into concrete choices.
 """
 import importlib.util
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -240,8 +241,9 @@ def use_compile_cache(config: ml_collections.ConfigDict) -> None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    print(f"warning: config key 'compile_cache_dir' = {config.compile_cache_dir!r}: {path} cannot be made "
-          f"({e.strerror}); compiling without a cache (set another folder, or '' for none)", flush=True)
+    print(f"WARNING: config key 'compile_cache_dir' = {config.compile_cache_dir!r}: {path} cannot be made "
+          f"({e.strerror}); compiling without a cache (set another folder, or '' for none)", file=sys.stderr,
+          flush=True)
     return
   jax.config.update("jax_compilation_cache_dir", path)
 

@@ -13,6 +13,7 @@ Reported: loss per token (nats), perplexity, bits per byte (comparable across to
 word-level perplexity (the split's total loss over its whitespace-separated words, the number
 people compare on WikiText-2), each with the mode that produced it.
 """
+import itertools
 import math
 import sys
 from typing import Callable, Iterator
@@ -76,21 +77,16 @@ def batches_per_call(platform: str) -> int:
 
 
 def calls(tokens: np.ndarray, context: int, stride: int, batch_size: int,
-          most: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """`windows`' batches K at a time, K <= `most` spreading them evenly over the fewest calls: (int32
+          per_call: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`windows`' batches K at a time, K <= `per_call` spreading them evenly over the fewest calls: (int32
   [K, B, context] tokens, bool [K, B, context - 1] weights); the last call's missing batches (fewer
   than the calls) are windows of weight 0."""
   num_batches = -(-len(_starts(len(tokens), context, stride)) // batch_size)
-  per_call = -(-num_batches // -(-num_batches // most))
-  group = []
-  for batch in windows(tokens, context, stride, batch_size):
-    group.append(batch)
-    if len(group) == per_call:
-      yield np.stack([b[0] for b in group]), np.stack([b[1] for b in group])
-      group = []
-  if group:
-    yield tuple(np.stack([b[i] for b in group] + [np.zeros_like(group[0][i])] * (per_call - len(group)))
-                for i in (0, 1))
+  k = -(-num_batches // -(-num_batches // per_call))
+  batches = windows(tokens, context, stride, batch_size)
+  for group in iter(lambda: list(itertools.islice(batches, k)), []):
+    group += [tuple(np.zeros_like(a) for a in group[0])] * (k - len(group))
+    yield np.stack([b[0] for b in group]), np.stack([b[1] for b in group])
 
 
 def make_eval_step(apply_fn, mesh: jax.sharding.Mesh | None = None, params_shardings=None) -> Callable:

@@ -92,7 +92,8 @@ def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: 
         f"the checkpoint in {where} belongs to a run with other settings ({'; '.join(clash)}). Resume "
         f"with the same settings, or start over with --fresh (the old run is kept aside) or another "
         f"--config.workdir.")
-  changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v and k != "workdir"]
+  changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+             if old.get(k) != v and k not in ("workdir", "compile_cache_dir")]
   if changed:
     print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
   if meta["num_steps"] != num_steps:

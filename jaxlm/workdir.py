@@ -185,7 +185,7 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
     raise WorkdirError(f"{path} was saved with a config this version of jaxlm cannot use ({e}): train it again, "
                        f"with --fresh") from None
   config.device = device
-  config_lib.use_compile_cache(config)
+  config_lib.use_compile_cache(config)  # the run's (none for runs saved before jaxlm kept one)
   try:
     dev = config_lib.select_device(config)
   except (config_lib.ConfigError, KeyError):

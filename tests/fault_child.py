@@ -8,7 +8,8 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
   save:NAME:K     dies right after orbax started the K-th save of `NAME` (last or best): its files are
                   being written in the background
   saved:NAME:K    dies right after the K-th save of `NAME` was committed
-  eval:K          dies in the K-th evaluation (validation or test), after dispatching its first batch
+  eval:K          dies in the K-th evaluation (validation or test), once its first batch is made (on a
+                  CPU, which runs one batch per call, after that batch was dispatched)
   sample:K        dies in the K-th sample from the fixed prompt
   prepare         dies while the tokenized data cache is being written
   sigint:N        SIGINT at step N, and a second SIGINT while the checkpoint it asks for is being saved

@@ -1,3 +1,5 @@
+import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -8,7 +10,7 @@ from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 
-from conftest import BASE_CONFIG, load_config
+from conftest import BASE_CONFIG, load_config, subprocess_env
 
 
 def parse(*overrides, variant=""):
@@ -266,13 +268,13 @@ def test_a_config_saved_before_keys_were_added_still_validates():
                   "training.patience": 3, "training.ema_decay": 0.995, "model.positions": "rope"}),
 ])
 def test_the_tuning_story_configs_are_the_baseline_with_their_changes(name, changes):
-  import os
   config = config_lib.from_file(os.path.join(os.path.dirname(BASE_CONFIG), name))
   config_lib.validate(config)
   ours, base = config_lib.flatten(config), config_lib.flatten(load_config())
   assert {k: v for k, v in ours.items() if v != base[k] and k != "workdir"} == changes
 
 
+# jax is imported before conftest, which would otherwise set the tests' own cache folder
 _COMPILE = """
 import sys
 import jax, jax.numpy as jnp
@@ -287,15 +289,12 @@ print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()))
 
 
 def test_compiled_programs_are_kept_in_compile_cache_dir_for_the_next_process(tmp_path):
-  import os
-  import subprocess
-
-  from conftest import subprocess_env
   env = subprocess_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
   env.pop("JAX_COMPILATION_CACHE_DIR")  # the tests' own cache
   run = lambda cache_dir, **extra: subprocess.run(  # noqa: E731
       [sys.executable, "-c", _COMPILE, cache_dir, os.path.dirname(__file__)], env=dict(env, **extra),
-      capture_output=True, text=True, timeout=300)
+      capture_output=True, text=True, timeout=300, cwd=tmp_path / "cwd")
+  (tmp_path / "cwd").mkdir()
   cache = tmp_path / "home" / "cache"
   first, second = run(str(cache)), run(str(cache))
   assert first.returncode == second.returncode == 0, first.stderr + second.stderr
@@ -307,10 +306,11 @@ def test_compiled_programs_are_kept_in_compile_cache_dir_for_the_next_process(tm
   theirs = tmp_path / "theirs"
   assert run(str(tmp_path / "ours"), JAX_COMPILATION_CACHE_DIR=str(theirs)).returncode == 0
   assert any(theirs.iterdir()) and not (tmp_path / "ours").exists()
-  off = run("")
-  assert off.returncode == 0 and "cache hit" not in off.stderr
+  off = [run(""), run("")]
+  assert [o.returncode for o in off] == [0, 0] and all("cache hit" not in o.stderr for o in off)
+  assert not any((tmp_path / "cwd").iterdir())
   # A folder that cannot be made: one warning, and the program still compiles and runs
   (tmp_path / "a_file").write_text("")
   bad = run(str(tmp_path / "a_file" / "cache"))
   assert bad.returncode == 0 and bad.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
-  assert "warning: config key 'compile_cache_dir'" in bad.stdout and "cannot be made" in bad.stdout
+  assert "WARNING: config key 'compile_cache_dir'" in bad.stderr and "cannot be made" in bad.stderr

@@ -127,6 +127,39 @@ def test_the_eval_step_sums_each_of_its_batches_as_a_call_of_that_batch_alone():
     assert alone[0][0] == pytest.approx(nats[k], rel=1e-6) and alone[1][0] == counts[k]
 
 
+_MESH_EVAL = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from jaxlm import evaluate as evaluate_lib, sharding as sharding_lib
+from conftest import load_config
+from test_evaluate import small_model
+model, params = small_model()
+config = load_config("tiny")
+config.mesh.data, config.mesh.fsdp, config.training.batch_size = 2, 2, 4
+mesh = sharding_lib.make_mesh(config, jax.devices())
+shardings = sharding_lib.state_shardings(mesh, jax.eval_shape(lambda: params))
+tokens = np.random.default_rng(0).integers(0, 64, 300)
+alone = evaluate_lib.evaluate(evaluate_lib.make_eval_step(model.apply), params, tokens, np.ones(64, int), None,
+                              16, batch_size=4)
+meshed = evaluate_lib.evaluate(evaluate_lib.make_eval_step(model.apply, mesh, shardings),
+                               jax.device_put(params, shardings), tokens, np.ones(64, int), None, 16,
+                               batch_size=4, per_call=3)
+print(json.dumps([len(jax.devices()), alone["loss"], meshed["loss"], alone["tokens"], meshed["tokens"]]))
+"""
+
+
+def test_several_batches_per_call_split_over_a_mesh_of_4_devices_measure_as_one_device():
+  env = subprocess_env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+                       JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _MESH_EVAL, os.path.dirname(__file__)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  devices, alone, meshed, tokens_alone, tokens_meshed = json.loads(done.stdout.splitlines()[-1])
+  assert devices == 4 and tokens_alone == tokens_meshed == 299
+  assert meshed == pytest.approx(alone, rel=1e-5)
+
+
 def test_evaluate_stops_when_asked():
   model, params = small_model()
   eval_step = evaluate_lib.make_eval_step(model.apply)
@@ -134,7 +167,12 @@ def test_evaluate_stops_when_asked():
   result = evaluate_lib.evaluate(eval_step, params, np.arange(500) % 64, np.ones(64, int), None, 16,
                                  batch_size=2, stop=lambda: calls.append(1) or len(calls) > 3)
   assert result is None and len(calls) == 4
-  calls.clear()  # several batches per call: asked before each call
+  # Several batches per call: asked before each call (17 batches, 5 calls of 4)
+  calls.clear()
+  result = evaluate_lib.evaluate(eval_step, params, np.arange(500) % 64, np.ones(64, int), None, 16,
+                                 batch_size=2, per_call=4, stop=lambda: calls.append(1) or False)
+  assert result is not None and len(calls) == 5
+  calls.clear()
   result = evaluate_lib.evaluate(eval_step, params, np.arange(500) % 64, np.ones(64, int), None, 16,
                                  batch_size=2, per_call=4, stop=lambda: calls.append(1) or len(calls) > 3)
   assert result is None and len(calls) == 4

@@ -26,6 +26,7 @@ from conftest import BASE_CONFIG, subprocess_env
     ("training.learning_rate=1e-3,1e-3", "a value is listed twice"),
     ("training.learning_rate", "write KEY=VALUE1,VALUE2"),
     ("workdir=a,b", "not a config key that a sweep can vary"),
+    ("compile_cache_dir=a,b", "not a config key that a sweep can vary"),
 ])
 def test_a_bad_sweep_is_one_clear_error(spec, message):
   with pytest.raises(UsageError, match=message):
