@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|gpt2percall|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -253,6 +253,10 @@ for section in "$@"; do
       run $prof --trace_dir=/tmp/trace_now$i --config.workdir=/tmp/runs/now$i
     done
     for r in prev1 now1 prev2 now2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_saveorder_${r}_metrics.jsonl; done ;;
+  check)  # the code as committed (ff37f64), end to end: a 4-epoch GPU-config run (`jaxlm.evaluate` on a
+          # local folder reads it through `datasets`, which the GPU image lacks: not run there)
+    run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/check
+    cp /tmp/runs/check/metrics.jsonl $OUT/train_gpu_check_metrics.jsonl ;;
   gpt2percall)  # the GPT-2-small shape at 1 and 2 steps per call, alternated, then torch.compile's at that shape
     run $gpt2_20 --steps_per_call=1,2,1,2
     run $torch_gpt2 ;;
