@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|gpt2percall|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|compress|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -253,6 +253,20 @@ for section in "$@"; do
       run $prof --trace_dir=/tmp/trace_now$i --config.workdir=/tmp/runs/now$i
     done
     for r in prev1 now1 prev2 now2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_saveorder_${r}_metrics.jsonl; done ;;
+  compress)  # (not kept) orbax's zstd compression of the checkpoints (its default) against none, whole 3-epoch GPU-config
+             # runs alternated, each method's wall time per epoch (profile_run; the saves of an improving
+             # epoch are `best`, written and waited for, and `last`), and the checkpoints' size on disk
+    rm -rf /tmp/v_raw; mkdir /tmp/v_raw; cp -r jaxlm configs experiments /tmp/v_raw/; ln -s $PWD/.gpu $PWD/data /tmp/v_raw/
+    sed -i 's/"state": ocp.PyTreeCheckpointHandler()/"state": ocp.PyTreeCheckpointHandler(use_compression=False)/' \
+      /tmp/v_raw/jaxlm/checkpoint.py
+    git diff --no-index --stat jaxlm /tmp/v_raw/jaxlm | tail -1 | tee -a $OUT/log.txt
+    prof="python3 experiments/profile_run.py ${train#python3 -m jaxlm.main} $gpu --config.training.epochs=3 --trace_epoch=3"
+    for i in 1 2; do
+      run $prof --trace_dir=/tmp/trace_zstd$i --config.workdir=/tmp/runs/zstd$i
+      (cd /tmp/v_raw && run env PYTHONPATH=/tmp/site:/tmp/v_raw $prof --trace_dir=/tmp/trace_raw$i --config.workdir=/tmp/runs/raw$i)
+    done
+    du -sm /tmp/runs/{zstd,raw}1/checkpoints/{best,last} | tee -a $OUT/log.txt
+    for r in zstd1 raw1 zstd2 raw2; do cp /tmp/runs/$r/metrics.jsonl $OUT/train_gpu_compress_${r}_metrics.jsonl; done ;;
   check)  # the code as committed (ff37f64), end to end: a 4-epoch GPU-config run (`jaxlm.evaluate` on a
           # local folder reads it through `datasets`, which the GPU image lacks: not run there)
     run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/check
