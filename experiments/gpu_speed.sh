@@ -28,12 +28,16 @@ gpt2_20="$bench $gpt2 --steps=20 --modes=calls"
 torch_gpt2="python3 .gpu/torch_ref/train.py --bench-steps 20 --vocab-size 32768 --batch-size 16 --seq-length 1024 \
             --dim-model 768 --num-layers 12 --num-heads 12 --dim-ff 3072 --tf32 --compile --bf16"
 mkdir -p $OUT
+tree() {  # NAME SOURCE...: another version of the code (SOURCE... holding jaxlm, configs, experiments)
+          # copied to /tmp/v_NAME, with this checkout's .gpu and data linked in
+  local name=$1; shift
+  rm -rf /tmp/v_$name; mkdir /tmp/v_$name; cp -r "$@" /tmp/v_$name/; ln -s $PWD/.gpu $PWD/data /tmp/v_$name/
+}
 variant() {  # NAME SED_EXPR COMMAND...: a copy of the tree with model.py and train.py edited runs
               # COMMAND with its compiled programs dumped; then the train step's transpose fusions
               # and its lines holding an f32[$LDB] (a float32 [L, D, B] array: "f32_LDB_arrays")
   local name=$1 expr=$2; shift 2
-  rm -rf /tmp/v_$name /tmp/hlo_$name; mkdir /tmp/v_$name; cp -r jaxlm configs experiments /tmp/v_$name/
-  ln -s $PWD/.gpu $PWD/data /tmp/v_$name/
+  tree $name jaxlm configs experiments; rm -rf /tmp/hlo_$name
   if [ -n "$expr" ]; then
     sed -i "$expr" /tmp/v_$name/jaxlm/model.py /tmp/v_$name/jaxlm/train.py
     if git diff --no-index --quiet jaxlm /tmp/v_$name/jaxlm; then
@@ -197,7 +201,7 @@ for section in "$@"; do
              # `git archive acf4037 jaxlm configs | tar -x -C .gpu/tree_old`) against now (a log line
              # fetched once the next call is queued), alternated; then the GPT-2-small shape at 1 and 2
              # steps per call, and torch.compile's at that shape
-    rm -rf /tmp/v_old; mkdir /tmp/v_old; cp -r .gpu/tree_old/* /tmp/v_old/; ln -s $PWD/.gpu $PWD/data /tmp/v_old/
+    tree old .gpu/tree_old/*
     for i in 1 2; do
       (cd /tmp/v_old && run env PYTHONPATH=/tmp/site:/tmp/v_old $train $gpu --config.workdir=/tmp/runs/old$i)
       run $train $gpu --config.workdir=/tmp/runs/new$i
@@ -213,11 +217,9 @@ for section in "$@"; do
               # wall time per epoch (profile_run, epoch 3 traced); one compilation cache for all, so that
               # only the first compiles the (identical) training program
     export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
-    rm -rf /tmp/v_old /tmp/v_bgbest; mkdir /tmp/v_old /tmp/v_bgbest
-    cp -r .gpu/tree_old/* /tmp/v_old/; cp -r jaxlm configs experiments /tmp/v_bgbest/
+    tree old .gpu/tree_old/*; tree bgbest jaxlm configs experiments
     sed -i 's/self.save("best", wait=True, /self.save("best", /' /tmp/v_bgbest/jaxlm/run.py
     git diff --no-index --stat jaxlm /tmp/v_bgbest/jaxlm | tail -1 | tee -a $OUT/log.txt
-    for t in old bgbest; do ln -s $PWD/.gpu $PWD/data /tmp/v_$t/; done
     prof="python3 experiments/profile_run.py ${train#python3 -m jaxlm.main} $gpu --config.training.epochs=3 --trace_epoch=3"
     for i in 1 2; do
       for t in old new bgbest; do
@@ -231,7 +233,7 @@ for section in "$@"; do
               # now (validation's batches in a scan of up to 16 per call), alternated; now's runs use
               # the default compile cache (config.compile_cache_dir, empty on a fresh machine: the
               # first compiles, the second loads), the old code's one of their own; then the base config
-    rm -rf /tmp/v_old; mkdir /tmp/v_old; cp -r .gpu/tree_old/* /tmp/v_old/; ln -s $PWD/.gpu $PWD/data /tmp/v_old/
+    tree old .gpu/tree_old/*
     for i in 1 2; do
       (cd /tmp/v_old && run env PYTHONPATH=/tmp/site:/tmp/v_old JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache_old \
          $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/old$i)
@@ -245,7 +247,7 @@ for section in "$@"; do
               # against `last`, then `best`, both in the background (the tree with
               # results/2026-11-30_saveorder_not_kept.patch applied; not kept); whole 4-epoch GPU-config
               # runs alternated, each method's wall time per epoch (profile_run, the last epoch traced)
-    rm -rf /tmp/v_prev; mkdir /tmp/v_prev; cp -r .gpu/tree_prev/* /tmp/v_prev/; ln -s $PWD/.gpu $PWD/data /tmp/v_prev/
+    tree prev .gpu/tree_prev/*
     prof="python3 experiments/profile_run.py ${train#python3 -m jaxlm.main} $gpu --config.training.epochs=4 --trace_epoch=4"
     for i in 1 2; do
       (cd /tmp/v_prev && run env PYTHONPATH=/tmp/site:/tmp/v_prev $prof --trace_dir=/tmp/trace_prev$i \
@@ -256,7 +258,7 @@ for section in "$@"; do
   compress)  # (not kept) orbax's zstd compression of the checkpoints (its default) against none, whole 3-epoch GPU-config
              # runs alternated, each method's wall time per epoch (profile_run; the saves of an improving
              # epoch are `best`, written and waited for, and `last`), and the checkpoints' size on disk
-    rm -rf /tmp/v_raw; mkdir /tmp/v_raw; cp -r jaxlm configs experiments /tmp/v_raw/; ln -s $PWD/.gpu $PWD/data /tmp/v_raw/
+    tree raw jaxlm configs experiments
     sed -i 's/"state": ocp.PyTreeCheckpointHandler()/"state": ocp.PyTreeCheckpointHandler(use_compression=False)/' \
       /tmp/v_raw/jaxlm/checkpoint.py
     git diff --no-index --stat jaxlm /tmp/v_raw/jaxlm | tail -1 | tee -a $OUT/log.txt

@@ -104,6 +104,10 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
 }
 
 
+# Where a run writes, not what it trains: a resume may change them, and a sweep does not vary them.
+LOCATION_KEYS = ("workdir", "compile_cache_dir")
+
+
 # Keys added since the first version that wrote checkpoints, at the values that version behaved
 # with: a checkpoint saved without them still loads and resumes (see `upgrade`).
 ADDED_KEYS = {

@@ -93,7 +93,7 @@ def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: 
         f"with the same settings, or start over with --fresh (the old run is kept aside) or another "
         f"--config.workdir.")
   changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
-             if old.get(k) != v and k not in ("workdir", "compile_cache_dir")]
+             if old.get(k) != v and k not in config_lib.LOCATION_KEYS]
   if changed:
     print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
   if meta["num_steps"] != num_steps:

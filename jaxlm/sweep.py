@@ -39,7 +39,7 @@ def parse_sweeps(specs: list[str]) -> dict[str, list]:
     key, sep, values = spec.partition("=")
     if not sep:
       raise UsageError(f"--sweep={spec}: write KEY=VALUE1,VALUE2,... (e.g. training.learning_rate=1e-4,3e-4)")
-    if key not in config_lib.SCHEMA or key in ("workdir", "compile_cache_dir"):
+    if key not in config_lib.SCHEMA or key in config_lib.LOCATION_KEYS:
       raise UsageError(f"--sweep={spec}: '{key}' is not a config key that a sweep can vary (see configs/base.py)")
     if key in sweeps:
       raise UsageError(f"--sweep: '{key}' is given twice; list all its values in one --sweep")

@@ -17,6 +17,7 @@ from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 
 from conftest import load_config, subprocess_env
+from test_sharding import devices_env
 
 
 @pytest.mark.parametrize("n,context,stride", [(1, 8, 7), (2, 8, 7), (8, 8, 7), (9, 8, 7), (50, 8, 7), (50, 8, 1),
@@ -150,9 +151,8 @@ print(json.dumps([len(jax.devices()), alone["loss"], meshed["loss"], alone["toke
 
 
 def test_several_batches_per_call_split_over_a_mesh_of_4_devices_measure_as_one_device():
-  env = subprocess_env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
-                       JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, "-c", _MESH_EVAL, os.path.dirname(__file__)], env=env,
+  done = subprocess.run([sys.executable, "-c", _MESH_EVAL, os.path.dirname(__file__)],
+                        env=dict(devices_env(4), JAX_PLATFORMS="cpu"),
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   devices, alone, meshed, tokens_alone, tokens_meshed = json.loads(done.stdout.splitlines()[-1])
