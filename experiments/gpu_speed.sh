@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|compress|gpt2percall|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|compress|gelu|recheck|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -86,7 +86,7 @@ for section in "$@"; do
     run $gpu16 --config.training.loss_chunk=1024
     run $gpu16 ;;
   dropout)  # flax's threefry masks against the hashed ones (model.Dropout) and no dropout, alternating
-    d="python3 experiments/bench_dropout.py --config=configs/base.py --vocab_size=8192 --rounds=5"
+    d="python3 experiments/bench_variants.py --config=configs/base.py --vocab_size=8192 --rounds=5 --variants=threefry_dropout,now,no_dropout"
     run $d $gpt2 --steps=20 --modes=calls
     run $d $gpu --modes=calls --steps_per_call=16 --steps=320 ;;
   final)  # the defaults, back to back with the baseline's torch.compile + bf16
@@ -273,6 +273,19 @@ for section in "$@"; do
           # local folder reads it through `datasets`, which the GPU image lacks: not run there)
     run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/check
     cp /tmp/runs/check/metrics.jsonl $OUT/train_gpu_check_metrics.jsonl ;;
+  gelu)  # GELU through erf (model.gelu) against jax.nn.gelu's erfc, compiled in one process and
+         # alternated, at the GPU config (16 steps per call) and the GPT-2-small shape (both exact GELU);
+         # then the committed code end to end: a 4-epoch GPU-config run
+    v="python3 experiments/bench_variants.py --config=configs/base.py --vocab_size=8192 --rounds=6 --variants=now,gelu_erfc"
+    run $v $gpu --modes=calls --steps_per_call=16 --steps=320
+    run $v $gpt2 --modes=calls --steps=20
+    run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/gelu
+    cp /tmp/runs/gelu/metrics.jsonl $OUT/train_gpu_gelu_metrics.jsonl ;;
+  recheck)  # the code as committed, end to end, twice more: 4-epoch GPU-config runs
+    for i in 1 2; do
+      run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/recheck$i
+      cp /tmp/runs/recheck$i/metrics.jsonl $OUT/train_gpu_recheck${i}_metrics.jsonl
+    done ;;
   gpt2percall)  # the GPT-2-small shape at 1 and 2 steps per call, alternated, then torch.compile's at that shape
     run $gpt2_20 --steps_per_call=1,2,1,2
     run $torch_gpt2 ;;

@@ -51,11 +51,30 @@ _matmul_saving_transposed_input.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
-  """nn.Dense's matmul on a CPU: the same product, and a base-config training step 5% faster at
-  batch 2, level at batch 32 (experiments/README.md, "No donation on a CPU, and the CPU's own Dense
-  matmul"). Elsewhere Dense keeps lax.dot_general, whose GPU matmuls read transposed operands in place."""
+  """nn.Dense's matmul on a CPU: the same product, with the weight gradient laid out for XLA:CPU.
+  That gradient, x^T g ([I, tokens] x [tokens, O]), needs one operand transposed first (YNNPACK's
+  matmuls take row-major operands), and XLA transposes it in a copy fused with the operand's
+  producer, several times slower than a plain transpose. So the narrower one is transposed: where
+  I <= O (qkv, proj, fc1, an untied head) a transposed copy of the input is kept, where I > O (fc2)
+  lax's gradient, which transposes g. Against lax.dot_general the base config's batch-2 step is 6%
+  faster and its batch-32 step 10%; against a transposed input everywhere (fc2's [tokens, d_ff]
+  input, fused with its GELU, took 47-62 ms per layer) batch 32 is 11% faster (experiments/README.md,
+  "The narrower operand transposed"). Elsewhere Dense keeps lax.dot_general, whose GPU matmuls read
+  transposed operands in place."""
   assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and preferred_element_type is None
+  if x.shape[-1] > w.shape[-1]:
+    return jax.lax.dot_general(x, w, dimension_numbers, precision)
   return _matmul_saving_transposed_input(x, w)
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """GELU: exact as x/2 (1 + erf(x / sqrt(2))), PyTorch's formula, or its tanh approximation. XLA's
+  erf is one polynomial, where the erfc of jax.nn.gelu's exact form adds an exp and two selects per
+  element: the base config's batch-32 step is 3.7% faster on a CPU (experiments/README.md, "The
+  narrower operand transposed"). The two agree to 1e-6 (test_model.py)."""
+  if approximate:
+    return nn.gelu(x, approximate=True)
+  return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
 def _mix32(x_u32: jax.Array) -> jax.Array:
@@ -145,7 +164,7 @@ class Block(nn.Module):
     y = dense(D, self.residual_std, "proj")(attn_BLHK.reshape(B, L, D))
     x_BLD = x_BLD + Dropout(self.dropout)(y, deterministic=deterministic)
 
-    h_BLF = nn.gelu(dense(self.d_ff, self.init_std, "fc1")(norm("ln2")(x_BLD)), approximate=self.approximate_gelu)
+    h_BLF = gelu(dense(self.d_ff, self.init_std, "fc1")(norm("ln2")(x_BLD)), approximate=self.approximate_gelu)
     y = dense(D, self.residual_std, "fc2")(h_BLF)
     x_BLD = x_BLD + Dropout(self.dropout)(y, deterministic=deterministic)
     return (x_BLD, None) if self.scanned else x_BLD

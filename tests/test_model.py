@@ -116,11 +116,25 @@ def test_chunked_loss_is_the_mean_next_token_loss_in_value_and_gradient(chunk, t
   assert float(optax.tree.norm(grads["tok_emb"])) > 1e-3  # the projection's gradient (tied: into the embedding)
 
 
+def test_exact_gelu_is_jax_nn_gelu_with_its_gradient():
+  """model.gelu's exact form (x/2 (1 + erf(x/sqrt 2)), PyTorch's) is jax.nn.gelu's (through erfc),
+  gradient included, to 1e-6: float32's 1 + erf(x / sqrt 2) loses its digits below x = -5, where
+  GELU is under 1e-6 in size (6.3e-7 apart at most, measured); the tanh form is jax's."""
+  x = jnp.linspace(-12.0, 12.0, 24001, dtype=jnp.float32)
+  grad = lambda f: jax.vmap(jax.grad(f))(x)  # noqa: E731
+  np.testing.assert_allclose(model_lib.gelu(x, False), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grad(lambda v: model_lib.gelu(v, False)),
+                             grad(lambda v: jax.nn.gelu(v, approximate=False)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(model_lib.gelu(x, True), jax.nn.gelu(x, approximate=True))
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False), dict(scan_layers=True)])
 def test_cpu_matmuls_compute_the_same_logits_and_gradients(overrides):
-  """model.cpu_dot_general (a CPU's Dense: weight gradients from a transposed copy of the input)
-  against lax.dot_general, through the whole model: the untied head and scanned layers included."""
+  """model.cpu_dot_general (a CPU's Dense: weight gradients from a transposed copy of the input, or
+  lax's where the input is wider than the output) against lax.dot_general, through the whole model:
+  both kinds of layer, the untied head and scanned layers included."""
   config = small_config(dropout=0.0, **overrides)
+  assert config.model.d_ff > config.model.d_model  # fc2 is wider in than out, the other Dense layers are not
   plain, cpu = (model_lib.build(config, VOCAB, platform=p) for p in ("", "cpu"))
   assert cpu.dot_general is model_lib.cpu_dot_general and plain.dot_general is None
   params = plain.init(jax.random.PRNGKey(0), random_tokens((1, 16)))["params"]
@@ -135,6 +149,10 @@ def test_cpu_matmuls_compute_the_same_logits_and_gradients(overrides):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected)
   kernels = [v for path, v in jax.tree_util.tree_leaves_with_path(grads) if path[-1].key == "kernel"]
   assert kernels and all(float(jnp.abs(k).max()) > 0 for k in kernels)
+  # The transposed copy is kept for the narrower input only (fc2's [tokens, d_ff] is transposed slowly).
+  matmul = lambda i, o: str(jax.make_jaxpr(  # noqa: E731
+      lambda x, w: model_lib.cpu_dot_general(x, w, (((1,), (0,)), ((), ()))))(jnp.ones((4, i)), jnp.ones((i, o))))
+  assert "_matmul_saving_transposed_input" in matmul(2, 8) and "_matmul_saving_transposed_input" not in matmul(8, 2)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -1,0 +1,103 @@
+"""Variants of the training step, each compiled once in one process and timed in alternating rounds,
+so that the machine's drift cancels (variant A against B measured minutes apart on a shared VM can
+differ by more than the change). Takes bench_step.py's flags (--config, --config.*, --modes with one
+mode, --steps_per_call with one value, --steps, --warmup, --vocab_size); one JSON line per variant.
+
+Variants (--variants, any of):
+  now                     the model as it is
+  threefry_dropout        flax's nn.Dropout (jax.random.bernoulli, threefry's bits), jaxlm's masks
+                          before 2026-11-30, instead of model.Dropout's hashed ones
+  no_dropout              every dropout rate 0
+  dense_input_transposed  on a CPU, every Dense keeps a transposed copy of its input for the weight
+                          gradient (model.cpu_dot_general before 2026-12-01)
+  dense_lax               on a CPU, Dense with lax.dot_general (XLA's own weight gradient)
+  gelu_erfc               exact GELU as jax.nn.gelu computes it (erfc), jaxlm's before 2026-12-01
+and combinations of them joined by "+" (dense_input_transposed+gelu_erfc: jaxlm on 2026-11-30).
+
+  python experiments/bench_variants.py --config=configs/base.py --steps=20 --rounds=14 \
+      --variants=threefry_dropout,now,no_dropout
+"""
+import json
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
+
+import bench_step
+from jaxlm import model as model_lib
+from jaxlm import train as train_lib
+
+
+class ThreefryDropout(nn.Module):
+  """model.Dropout's interface over flax's nn.Dropout."""
+  rate: float
+  broadcast_dims: tuple[int, ...] = ()
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    return nn.Dropout(self.rate, broadcast_dims=self.broadcast_dims)(x, deterministic=deterministic)
+
+
+# name -> model_lib attributes replaced while the variant's model is built and traced
+PATCHES = {
+    "now": {},
+    "threefry_dropout": {"Dropout": ThreefryDropout},
+    "no_dropout": {},  # a config change (below)
+    "dense_input_transposed": {
+        "cpu_dot_general": lambda x, w, *_, **__: model_lib._matmul_saving_transposed_input(x, w)},
+    "dense_lax": {"cpu_dot_general": jax.lax.dot_general},
+    "gelu_erfc": {"gelu": lambda x, approximate: nn.gelu(x, approximate=approximate)},
+}
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
+_VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(PATCHES))
+flags.register_validator("variants", lambda v: bool(v) and all(set(x.split("+")) <= set(PATCHES) for x in v),
+                         f"--variants takes one or more of {', '.join(PATCHES)} (or several joined by +)")
+
+
+def compile_variant(config, variant: str, num_calls: int):
+  """(compile seconds, call(state, i), state after the warm-up calls) of `variant`'s training program."""
+  config = config.copy_and_resolve_references()
+  if "no_dropout" in variant.split("+"):
+    config.model.dropout = config.model.attention_dropout = 0.0
+  patches = {name: value for part in variant.split("+") for name, value in PATCHES[part].items()}
+  saved = {name: getattr(model_lib, name) for name in patches}
+  for name, value in patches.items():
+    setattr(model_lib, name, value)
+  try:
+    s = train_lib.setup(config, bench_step._VOCAB.value, 1000)
+    compile_s, call = bench_step.make_variant(s, bench_step._MODES.value[0], int(bench_step._PER_CALL.value[0]),
+                                              num_calls + bench_step._WARMUP.value)
+    state = s.state
+    for i in range(bench_step._WARMUP.value):
+      state, _ = call(state, num_calls + i)
+    return compile_s, call, jax.block_until_ready(state)
+  finally:
+    for name, value in saved.items():
+      setattr(model_lib, name, value)
+
+
+def main(_):
+  config, k = bench_step._CONFIG.value, int(bench_step._PER_CALL.value[0])
+  num_calls = max(1, bench_step._STEPS.value // k)
+  runs = {v: [*compile_variant(config, v, num_calls), []] for v in _VARIANTS.value}
+  for _ in range(_ROUNDS.value):
+    for run in runs.values():
+      _, call, state, times = run
+      t0 = time.perf_counter()
+      for i in range(num_calls):
+        state, _ = call(state, i)
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - t0) / (num_calls * k) * 1e3)
+      run[2] = state
+  for variant, (compile_s, _, _, times) in runs.items():
+    print(json.dumps({"variant": variant, "device": jax.devices()[0].device_kind, "mode": bench_step._MODES.value[0],
+                      "steps_per_call": k, "batch_size": config.training.batch_size,
+                      "seq_length": config.data.seq_length, "d_model": config.model.d_model,
+                      "compile_s": round(compile_s, 1), "ms_per_step": [round(t, 3) for t in times],
+                      "best_ms": round(min(times), 3), "median_ms": round(float(np.median(times)), 3)}), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
