@@ -1,15 +1,16 @@
 """Variants of the training step, each compiled once in one process and timed in alternating rounds,
 so that the machine's drift cancels (variant A against B measured minutes apart on a shared VM can
 differ by more than the change). Takes bench_step.py's flags (--config, --config.*, --modes with one
-mode, --steps_per_call with one value, --steps, --warmup, --vocab_size); one JSON line per variant.
+mode, --steps_per_call with one value for --modes=calls, --steps, --warmup, --vocab_size); one JSON
+line per variant.
 
 Variants (--variants, any of):
   now                     the model as it is
   threefry_dropout        flax's nn.Dropout (jax.random.bernoulli, threefry's bits), jaxlm's masks
                           before 2026-11-30, instead of model.Dropout's hashed ones
-  no_dropout              every dropout rate 0
-  dense_input_transposed  on a CPU, every Dense keeps a transposed copy of its input for the weight
-                          gradient (model.cpu_dot_general before 2026-12-01)
+  no_dropout              every dropout rate 0 (residual, attention, token)
+  dense_input_transposed  on a CPU (elsewhere Dense is lax's already), every Dense keeps a transposed
+                          copy of its input for the weight gradient (model.cpu_dot_general before 2026-12-01)
   dense_lax               on a CPU, Dense with lax.dot_general (XLA's own weight gradient)
   gelu_erfc               exact GELU as jax.nn.gelu computes it (erfc), jaxlm's before 2026-12-01
 and combinations of them joined by "+" (dense_input_transposed+gelu_erfc: jaxlm on 2026-11-30).
@@ -52,22 +53,36 @@ PATCHES = {
 }
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
 _VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(PATCHES))
-flags.register_validator("variants", lambda v: bool(v) and all(set(x.split("+")) <= set(PATCHES) for x in v),
-                         f"--variants takes one or more of {', '.join(PATCHES)} (or several joined by +)")
+
+
+def _valid(variants: list) -> bool:
+  """Known names, each variant once, and no combination setting one thing twice."""
+  def consistent(parts):
+    if not set(parts) <= set(PATCHES):
+      return False
+    keys = [k for p in parts for k in PATCHES[p]] + ["Dropout" for p in parts if p == "no_dropout"]
+    return len(keys) == len(set(keys))
+  return bool(variants) and len(set(variants)) == len(variants) and all(consistent(v.split("+")) for v in variants)
+
+
+flags.register_validator("variants", _valid, f"--variants takes distinct ones of {', '.join(PATCHES)}, or "
+                         "several joined by + that do not change the same thing")
+flags.register_validator("modes", lambda m: len(m) == 1, "bench_variants.py takes one --modes value")
+flags.register_validator("steps_per_call", lambda k: len(k) == 1, "bench_variants.py takes one --steps_per_call")
 
 
 def compile_variant(config, variant: str, num_calls: int):
   """(compile seconds, call(state, i), state after the warm-up calls) of `variant`'s training program."""
   config = config.copy_and_resolve_references()
   if "no_dropout" in variant.split("+"):
-    config.model.dropout = config.model.attention_dropout = 0.0
+    config.model.dropout = config.model.attention_dropout = config.model.token_dropout = 0.0
   patches = {name: value for part in variant.split("+") for name, value in PATCHES[part].items()}
   saved = {name: getattr(model_lib, name) for name in patches}
   for name, value in patches.items():
     setattr(model_lib, name, value)
   try:
     s = train_lib.setup(config, bench_step._VOCAB.value, 1000)
-    compile_s, call = bench_step.make_variant(s, bench_step._MODES.value[0], int(bench_step._PER_CALL.value[0]),
+    compile_s, call = bench_step.make_variant(s, bench_step._MODES.value[0], steps_per_call(),
                                               num_calls + bench_step._WARMUP.value)
     state = s.state
     for i in range(bench_step._WARMUP.value):
@@ -78,8 +93,12 @@ def compile_variant(config, variant: str, num_calls: int):
       setattr(model_lib, name, value)
 
 
+def steps_per_call() -> int:
+  return int(bench_step._PER_CALL.value[0]) if bench_step._MODES.value[0] == "calls" else 1
+
+
 def main(_):
-  config, k = bench_step._CONFIG.value, int(bench_step._PER_CALL.value[0])
+  config, k = bench_step._CONFIG.value, steps_per_call()
   num_calls = max(1, bench_step._STEPS.value // k)
   runs = {v: [*compile_variant(config, v, num_calls), []] for v in _VARIANTS.value}
   for _ in range(_ROUNDS.value):

@@ -56,25 +56,27 @@ def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_t
   matmuls take row-major operands), and XLA transposes it in a copy fused with the operand's
   producer, several times slower than a plain transpose. So the narrower one is transposed: where
   I <= O (qkv, proj, fc1, an untied head) a transposed copy of the input is kept, where I > O (fc2)
-  lax's gradient, which transposes g. Against lax.dot_general the base config's batch-2 step is 6%
-  faster and its batch-32 step 10%; against a transposed input everywhere (fc2's [tokens, d_ff]
-  input, fused with its GELU, took 47-62 ms per layer) batch 32 is 11% faster (experiments/README.md,
+  lax's gradient, which transposes g. Against lax.dot_general the base config's batch-2 step takes 6%
+  less time and its batch-32 step 10%; against a transposed input everywhere (fc2's [tokens, d_ff]
+  input, fused with its GELU, took 47-62 ms per layer) batch 32 takes 11% less (experiments/README.md,
   "The narrower operand transposed"). Elsewhere Dense keeps lax.dot_general, whose GPU matmuls read
   transposed operands in place."""
-  assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and preferred_element_type is None
+  assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and precision is preferred_element_type is None
   if x.shape[-1] > w.shape[-1]:
-    return jax.lax.dot_general(x, w, dimension_numbers, precision)
+    return jax.lax.dot_general(x, w, dimension_numbers)
   return _matmul_saving_transposed_input(x, w)
 
 
 def gelu(x: jax.Array, approximate: bool) -> jax.Array:
   """GELU: exact as x/2 (1 + erf(x / sqrt(2))), PyTorch's formula, or its tanh approximation. XLA's
   erf is one polynomial, where the erfc of jax.nn.gelu's exact form adds an exp and two selects per
-  element: the base config's batch-32 step is 3.7% faster on a CPU (experiments/README.md, "The
-  narrower operand transposed"). The two agree to 1e-6 (test_model.py)."""
+  element: the base config's batch-32 step takes 3.7% less time on a CPU (experiments/README.md,
+  "The narrower operand transposed"). Computed in float32 whatever x's dtype, as PyTorch does: in
+  bfloat16, 1 + erf cancels to 0 below x = -3. The two agree to 1e-6 (test_model.py)."""
   if approximate:
     return nn.gelu(x, approximate=True)
-  return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
+  x32 = x.astype(jnp.float32)
+  return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * math.sqrt(0.5)))).astype(x.dtype)
 
 
 def _mix32(x_u32: jax.Array) -> jax.Array:
