@@ -12,7 +12,8 @@ Variants (--variants, any of):
   dense_input_transposed  on a CPU (elsewhere Dense is lax's already), every Dense keeps a transposed
                           copy of its input for the weight gradient (model.cpu_dot_general before 2026-12-01)
   dense_lax               on a CPU, Dense with lax.dot_general (XLA's own weight gradient)
-  gelu_erfc               exact GELU as jax.nn.gelu computes it (erfc), jaxlm's before 2026-12-01
+  gelu_erfc               GELU as jax.nn.gelu computes it, in the input's dtype (the exact form through
+                          erfc), jaxlm's before 2026-12-01
 and combinations of them joined by "+" (dense_input_transposed+gelu_erfc: jaxlm on 2026-11-30).
 
   python experiments/bench_variants.py --config=configs/base.py --steps=20 --rounds=14 \
