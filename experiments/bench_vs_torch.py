@@ -15,6 +15,7 @@ dropout, no EMA). Needs torch in this environment and the baseline's train.py:
 """
 import importlib.util
 import json
+import os
 import time
 
 import jax
@@ -41,6 +42,8 @@ def unlike_the_baseline(s: train_lib.Setup) -> list:
 
 def torch_step(config, steps: int):
   """(call(i) running the baseline's training step on batch i of `steps`, torch) with jaxlm's shapes."""
+  if not os.path.isfile(_TORCH_REF.value):
+    raise app.UsageError(f"--torch_ref={_TORCH_REF.value}: no such file; give the baseline's train.py")
   spec = importlib.util.spec_from_file_location("torch_ref_train", _TORCH_REF.value)
   ref = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(ref)
@@ -68,7 +71,7 @@ def main(_):
     state, _ = jax_call(state, i % steps)
     call_torch(i % steps)
   jax.block_until_ready(state)
-  ratios, times = [], {"jaxlm": [], "torch": []}
+  times = {"jaxlm": [], "torch": []}
 
   def run_jaxlm(state):
     t0 = time.perf_counter()
@@ -91,14 +94,14 @@ def main(_):
       state, jax_s = run_jaxlm(state)
       torch_s = run_torch()
     jax_ms, torch_ms = jax_s / steps * 1e3, torch_s / steps * 1e3
-    times["jaxlm"].append(jax_ms), times["torch"].append(torch_ms), ratios.append(torch_ms / jax_ms)
+    times["jaxlm"].append(jax_ms), times["torch"].append(torch_ms)
     print(json.dumps({"round": r, "batch_size": B, "jaxlm_ms": round(jax_ms, 2), "torch_ms": round(torch_ms, 2),
                       "jaxlm_over_torch": round(torch_ms / jax_ms, 3)}), flush=True)
   print(json.dumps({"batch_size": B, "seq_length": L, "d_model": config.model.d_model, "steps": steps,
                     "rounds": _ROUNDS.value, "jaxlm_median_ms": round(float(np.median(times["jaxlm"])), 2),
                     "torch_median_ms": round(float(np.median(times["torch"])), 2),
                     "jaxlm_tokens_per_s": round(B * L / np.median(times["jaxlm"]) * 1e3, 1),
-                    "median_jaxlm_over_torch": round(float(np.median(ratios)), 3),
+                    "median_jaxlm_over_torch": round(float(np.median(np.divide(times["torch"], times["jaxlm"]))), 3),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "jax": jax.__version__}),
         flush=True)
 
