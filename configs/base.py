@@ -69,7 +69,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.dtype = "auto"
   model.param_dtype = "float32"
   # auto: cuDNN's fused flash attention on an NVIDIA GPU in bfloat16 for sequences of 256 tokens or
-  # more (where it is faster), XLA's otherwise | xla | cudnn
+  # more (where it is faster), attention by blocks of queries on a CPU, XLA's otherwise
+  # | blocked | xla | cudnn
   model.attention = "auto"
   model.activation = "gelu"  # gelu (exact, as the guide) | gelu_tanh (GPT-2's approximation)
   # Trace and compile one block, scanned over the layers' stacked parameters, instead of each layer

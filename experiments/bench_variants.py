@@ -14,6 +14,9 @@ Variants (--variants, any of):
   dense_lax               on a CPU, Dense with lax.dot_general (XLA's own weight gradient)
   gelu_erfc               GELU as jax.nn.gelu computes it, in the input's dtype (the exact form through
                           erfc), jaxlm's before 2026-12-01
+  xla_attention           model.attention=xla: jax.nn.dot_product_attention's XLA implementation (a
+                          CPU's auto before 2026-12-01)
+  blocked_attention       model.attention=blocked: model.causal_attention_by_blocks
 and combinations of them joined by "+" (dense_input_transposed+gelu_erfc: jaxlm on 2026-11-30).
 
   python experiments/bench_variants.py --config=configs/base.py --steps=20 --rounds=14 \
@@ -46,11 +49,19 @@ class ThreefryDropout(nn.Module):
 PATCHES = {
     "now": {},
     "threefry_dropout": {"Dropout": ThreefryDropout},
-    "no_dropout": {},  # a config change (below)
+    "no_dropout": {},  # config changes (CONFIG_CHANGES, below)
+    "xla_attention": {},
+    "blocked_attention": {},
     "dense_input_transposed": {
         "cpu_dot_general": lambda x, w, *_, **__: model_lib._matmul_saving_transposed_input(x, w)},
     "dense_lax": {"cpu_dot_general": jax.lax.dot_general},
     "gelu_erfc": {"gelu": lambda x, approximate: nn.gelu(x, approximate=approximate)},
+}
+# name -> (config keys it sets, the value)
+CONFIG_CHANGES = {
+    "no_dropout": (("model.dropout", "model.attention_dropout", "model.token_dropout"), 0.0),
+    "xla_attention": (("model.attention",), "xla"),
+    "blocked_attention": (("model.attention",), "blocked"),
 }
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
 _VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(PATCHES))
@@ -61,7 +72,8 @@ def _valid(variants: list) -> bool:
   def consistent(parts):
     if not set(parts) <= set(PATCHES):
       return False
-    keys = [k for p in parts for k in PATCHES[p]] + ["Dropout" for p in parts if p == "no_dropout"]
+    keys = [k for p in parts for k in (*PATCHES[p], *CONFIG_CHANGES.get(p, ((),))[0])]
+    keys += ["Dropout" for p in parts if p == "no_dropout"]  # flax's or hashed masks of nothing
     return len(keys) == len(set(keys))
   return bool(variants) and len(set(variants)) == len(variants) and all(consistent(v.split("+")) for v in variants)
 
@@ -75,8 +87,11 @@ flags.register_validator("steps_per_call", lambda k: len(k) == 1, "bench_variant
 def compile_variant(config, variant: str, num_calls: int):
   """(compile seconds, call(state, i), state after the warm-up calls) of `variant`'s training program."""
   config = config.copy_and_resolve_references()
-  if "no_dropout" in variant.split("+"):
-    config.model.dropout = config.model.attention_dropout = config.model.token_dropout = 0.0
+  for part in variant.split("+"):
+    keys, value = CONFIG_CHANGES.get(part, ((), None))
+    for key in keys:
+      section, name = key.split(".")
+      config[section][name] = value
   patches = {name: value for part in variant.split("+") for name, value in PATCHES[part].items()}
   saved = {name: getattr(model_lib, name) for name in patches}
   for name, value in patches.items():

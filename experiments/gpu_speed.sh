@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in one call of the device tool (see experiments/README.md, "Speed"):
-#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|compress|gelu|recheck|gpt2percall|scan|gpt2|torch|train|percall
+#   bash experiments/gpu_speed.sh loop|attention|final|xlaflags|decide|dropout|kernels|cudnn|layout|posgrad|positions|stepscan|unroll|percall20|runprofile|syncs|logahead|evalcalls|evalfinal|saveorder|check|compress|gelu|blocked|recheck|gpt2percall|scan|gpt2|torch|train|percall
 #   ... (in the order given)
 # Expects the GPU image's missing wheels in .whl/, the baseline in .gpu/torch_ref/, and the 2.38M-token
 # corpus (wikitext-2-mini's train split 5x) in .gpu/wikitext-2-x5 with its tokenized cache in data/.
@@ -281,6 +281,16 @@ for section in "$@"; do
     run $v $gpt2 --modes=calls --steps=20
     run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/gelu
     cp /tmp/runs/gelu/metrics.jsonl $OUT/train_gpu_gelu_metrics.jsonl ;;
+  blocked)  # attention by blocks of queries (model.causal_attention_by_blocks, a CPU's auto since
+           # 2026-12-01) against XLA's fused attention (a GPU's auto below 256 tokens) and cuDNN's,
+           # compiled in one process and alternated: the GPU config (16 steps per call), batch 2 (10
+           # per call) and the GPT-2-small shape; then a 4-epoch GPU-config run with blocked attention
+    v="python3 experiments/bench_variants.py --config=configs/base.py --vocab_size=8192 --rounds=6"
+    run $v $gpu --modes=calls --steps_per_call=16 --steps=320 --variants=xla_attention,blocked_attention
+    run $v --modes=calls --steps_per_call=10 --steps=800 --variants=xla_attention,blocked_attention
+    run $v $gpt2 --modes=calls --steps=20 --variants=now,xla_attention,blocked_attention
+    run $train $gpu --config.training.epochs=4 --config.model.attention=blocked --config.workdir=/tmp/runs/blocked
+    cp /tmp/runs/blocked/metrics.jsonl $OUT/train_gpu_blocked_metrics.jsonl ;;
   recheck)  # the code as committed, end to end, twice more: 4-epoch GPU-config runs
     for i in 1 2; do
       run $train $gpu --config.training.epochs=4 --config.workdir=/tmp/runs/recheck$i

@@ -69,7 +69,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "model.layer_norm_eps": (float, _positive),
     "model.dtype": (str, _one_of("auto", "float32", "bfloat16")),
     "model.param_dtype": (str, _one_of("float32", "bfloat16")),
-    "model.attention": (str, _one_of("auto", "xla", "cudnn")),
+    "model.attention": (str, _one_of("auto", "blocked", "xla", "cudnn")),
     "model.activation": (str, _one_of("gelu", "gelu_tanh")),
     "model.scan_layers": (bool, _ANY),
     "model.init_from": (str, _ANY),
@@ -278,11 +278,13 @@ CUDNN_MIN_SEQ_LENGTH = 256
 
 def attention_kernel(config: ml_collections.ConfigDict, device: jax.Device, dtype) -> str:
   """model.attention on `device` computing in `dtype`: auto is cuDNN's fused flash attention where it
-  runs and wins (an NVIDIA GPU, bfloat16, sequences of CUDNN_MIN_SEQ_LENGTH or more), else XLA's."""
+  runs and wins (an NVIDIA GPU, bfloat16, sequences of CUDNN_MIN_SEQ_LENGTH or more), attention by
+  blocks of queries on a CPU (model.causal_attention_by_blocks), else XLA's."""
   if config.model.attention != "auto":
     return config.model.attention
-  cudnn = _cudnn_attention_runs(config, device, dtype) and config.data.seq_length >= CUDNN_MIN_SEQ_LENGTH
-  return "cudnn" if cudnn else "xla"
+  if _cudnn_attention_runs(config, device, dtype) and config.data.seq_length >= CUDNN_MIN_SEQ_LENGTH:
+    return "cudnn"
+  return "blocked" if device.platform == "cpu" else "xla"
 
 
 # Tokens per chunk of the training loss's output projection on a CPU (see experiments/README.md,

@@ -164,11 +164,11 @@ class _Gpu:
   platform = "gpu"
 
 
-def test_attention_auto_is_cudnn_on_a_gpu_in_bfloat16_from_256_tokens_on():
+def test_attention_auto_is_cudnn_on_a_gpu_in_bfloat16_from_256_tokens_on_and_blocked_on_a_cpu():
   import jax
   import jax.numpy as jnp
   c = load_config()
-  assert config_lib.attention_kernel(c, jax.devices("cpu")[0], jnp.float32) == "xla"
+  assert config_lib.attention_kernel(c, jax.devices("cpu")[0], jnp.float32) == "blocked"
   assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "xla"  # 128 tokens: level, XLA's kept
   c.data.seq_length = config_lib.CUDNN_MIN_SEQ_LENGTH
   assert config_lib.attention_kernel(c, _Gpu(), jnp.bfloat16) == "cudnn"
