@@ -37,6 +37,19 @@ def random_tokens(shape, seed=0, vocab=VOCAB):
   return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
 
 
+def assert_same_loss_and_gradients(model, reference_model, params, tokens_BL):
+  """`model`'s mean next-token loss on `tokens_BL` and its gradients are `reference_model`'s (to 1e-6
+  and 1e-4): the two compute the same function another way. Returns the gradients."""
+  def loss(m, params):
+    return model_lib.next_token_losses(m.apply({"params": params}, tokens_BL), tokens_BL).mean()
+
+  (ours, grads), (reference, expected) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+                                           for m in (model, reference_model))
+  np.testing.assert_allclose(ours, reference, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected)
+  return grads
+
+
 def test_logits_shape_and_dtype():
   config = small_config()
   model, _, state = make_state(config)
@@ -148,15 +161,7 @@ def test_cpu_matmuls_compute_the_same_logits_and_gradients(overrides):
   plain, cpu = (model_lib.build(config, VOCAB, platform=p) for p in ("", "cpu"))
   assert cpu.dot_general is model_lib.cpu_dot_general and plain.dot_general is None
   params = plain.init(jax.random.PRNGKey(0), random_tokens((1, 16)))["params"]
-  tokens = random_tokens((3, 16))
-
-  def loss(model, params):
-    return model_lib.next_token_losses(model.apply({"params": params}, tokens), tokens).mean()
-
-  (ours, grads), (reference, expected) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
-                                           for m in (cpu, plain))
-  np.testing.assert_allclose(ours, reference, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected)
+  grads = assert_same_loss_and_gradients(cpu, plain, params, random_tokens((3, 16)))
   kernels = [v for path, v in jax.tree_util.tree_leaves_with_path(grads) if path[-1].key == "kernel"]
   assert kernels and all(float(jnp.abs(k).max()) > 0 for k in kernels)
   # The transposed copy is kept for the narrower input only (fc2's [tokens, d_ff] is transposed slowly).
@@ -197,15 +202,7 @@ def test_a_model_with_attention_by_blocks_computes_xla_attention_s_logits_and_gr
   config.data.seq_length = 80
   blocked, xla = (model_lib.build(config, VOCAB, attention=a) for a in ("blocked", "xla"))
   tokens = random_tokens((2, 80))
-  params = xla.init(jax.random.PRNGKey(0), tokens)["params"]
-
-  def loss(model, params):
-    return model_lib.next_token_losses(model.apply({"params": params}, tokens), tokens).mean()
-
-  (ours, grads), (reference, expected) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
-                                           for m in (blocked, xla))
-  np.testing.assert_allclose(ours, reference, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected)
+  assert_same_loss_and_gradients(blocked, xla, xla.init(jax.random.PRNGKey(0), tokens)["params"], tokens)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
