@@ -45,40 +45,35 @@ class ThreefryDropout(nn.Module):
     return nn.Dropout(self.rate, broadcast_dims=self.broadcast_dims)(x, deterministic=deterministic)
 
 
-# name -> model_lib attributes replaced while the variant's model is built and traced
-PATCHES = {
+# name -> what it changes: model_lib attributes replaced while its model is built and traced, and
+# config keys (those with a ".") set
+VARIANTS = {
     "now": {},
     "threefry_dropout": {"Dropout": ThreefryDropout},
-    "no_dropout": {},  # config changes (CONFIG_CHANGES, below)
-    "xla_attention": {},
-    "blocked_attention": {},
+    "no_dropout": {"model.dropout": 0.0, "model.attention_dropout": 0.0, "model.token_dropout": 0.0},
+    "xla_attention": {"model.attention": "xla"},
+    "blocked_attention": {"model.attention": "blocked"},
     "dense_input_transposed": {
         "cpu_dot_general": lambda x, w, *_, **__: model_lib._matmul_saving_transposed_input(x, w)},
     "dense_lax": {"cpu_dot_general": jax.lax.dot_general},
     "gelu_erfc": {"gelu": lambda x, approximate: nn.gelu(x, approximate=approximate)},
 }
-# name -> (config keys it sets, the value)
-CONFIG_CHANGES = {
-    "no_dropout": (("model.dropout", "model.attention_dropout", "model.token_dropout"), 0.0),
-    "xla_attention": (("model.attention",), "xla"),
-    "blocked_attention": (("model.attention",), "blocked"),
-}
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
-_VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(PATCHES))
+_VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(VARIANTS))
 
 
 def _valid(variants: list) -> bool:
   """Known names, each variant once, and no combination setting one thing twice."""
   def consistent(parts):
-    if not set(parts) <= set(PATCHES):
+    if not set(parts) <= set(VARIANTS):
       return False
-    keys = [k for p in parts for k in (*PATCHES[p], *CONFIG_CHANGES.get(p, ((),))[0])]
+    keys = [k for p in parts for k in VARIANTS[p]]
     keys += ["Dropout" for p in parts if p == "no_dropout"]  # flax's or hashed masks of nothing
     return len(keys) == len(set(keys))
   return bool(variants) and len(set(variants)) == len(variants) and all(consistent(v.split("+")) for v in variants)
 
 
-flags.register_validator("variants", _valid, f"--variants takes distinct ones of {', '.join(PATCHES)}, or "
+flags.register_validator("variants", _valid, f"--variants takes distinct ones of {', '.join(VARIANTS)}, or "
                          "several joined by + that do not change the same thing")
 flags.register_validator("modes", lambda m: len(m) == 1, "bench_variants.py takes one --modes value")
 flags.register_validator("steps_per_call", lambda k: len(k) == 1, "bench_variants.py takes one --steps_per_call")
@@ -87,12 +82,11 @@ flags.register_validator("steps_per_call", lambda k: len(k) == 1, "bench_variant
 def compile_variant(config, variant: str, num_calls: int):
   """(compile seconds, call(state, i), state after the warm-up calls) of `variant`'s training program."""
   config = config.copy_and_resolve_references()
-  for part in variant.split("+"):
-    keys, value = CONFIG_CHANGES.get(part, ((), None))
-    for key in keys:
-      section, name = key.split(".")
-      config[section][name] = value
-  patches = {name: value for part in variant.split("+") for name, value in PATCHES[part].items()}
+  changes = {name: value for part in variant.split("+") for name, value in VARIANTS[part].items()}
+  patches = {name: value for name, value in changes.items() if "." not in name}
+  for key in changes.keys() - patches.keys():
+    section, name = key.split(".")
+    config[section][name] = changes[key]
   saved = {name: getattr(model_lib, name) for name in patches}
   for name, value in patches.items():
     setattr(model_lib, name, value)

@@ -177,11 +177,9 @@ class Block(nn.Module):
   def _attention_with_dropout(self, q_BLHK, k_BLHK, v_BLHK):
     """Causal attention with dropout on its probabilities, which the fused kernels do not offer: the
     [B, H, L, L] probabilities are materialized."""
-    L = q_BLHK.shape[1]
     drop = Dropout(self.attention_dropout)
-    q_BHLK, k_BHLK, v_BHLK = (a.transpose(0, 2, 1, 3) for a in (q_BLHK, k_BLHK, v_BLHK))
-    return _attend(q_BHLK, k_BHLK, v_BHLK, jnp.tril(jnp.ones((L, L), bool)),
-                   lambda probs: drop(probs, deterministic=False)).transpose(0, 2, 1, 3)
+    return causal_attention_by_blocks(q_BLHK, k_BLHK, v_BLHK, block=q_BLHK.shape[1],  # one block
+                                      drop=lambda probs: drop(probs, deterministic=False))
 
   def _cached_attention(self, q_BTHK, k_BTHK, v_BTHK, positions_BT):
     """Writes the new keys and values into the cache at their positions, then attends from each
@@ -230,21 +228,22 @@ ATTENTION_BLOCK = 64
 
 
 def causal_attention_by_blocks(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-                               block: int = ATTENTION_BLOCK) -> jax.Array:
+                               block: int = ATTENTION_BLOCK, drop: Callable | None = None) -> jax.Array:
   """[B, L, H, K]: causal attention (model.attention="blocked"), each block of `block` queries
   attending only to the keys up to its last one, so that the scores above the diagonal's blocks are
   never computed: a quarter of them at L = 2 x block, about half for long sequences. The same
   function as XLA's fused attention (float32 scores and softmax). On a 2-core CPU, whose batched
   per-head products run at a third of its matmul rate, the base config's step takes 7% less
   time at batch 2 and 11% at batch 32 than with jax.nn.dot_product_attention's XLA implementation; on
-  an H200, 5-9% more (experiments/README.md, "Attention by blocks of queries")."""
+  an H200, 5-9% more (experiments/README.md, "Attention by blocks of queries"). `drop` transforms
+  each block's probabilities (as in _attend)."""
   q_BHLK, k_BHLK, v_BHLK = (a.transpose(0, 2, 1, 3) for a in (q_BLHK, k_BLHK, v_BLHK))
   L = q_BHLK.shape[2]
   out = []
   for start in range(0, L, block):
     end = min(L, start + block)  # queries start..end-1 see keys 0..end-1, each up to its own position
     visible_TS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-    out.append(_attend(q_BHLK[:, :, start:end], k_BHLK[:, :, :end], v_BHLK[:, :, :end], visible_TS))
+    out.append(_attend(q_BHLK[:, :, start:end], k_BHLK[:, :, :end], v_BHLK[:, :, :end], visible_TS, drop))
   return jnp.concatenate(out, axis=2).transpose(0, 2, 1, 3)
 
 
