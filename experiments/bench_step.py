@@ -196,7 +196,8 @@ def main(argv):
         matmul_tflops=round(rate / 1e12, 3) if rate else None,
         of_matmul=round(tokens_per_s * flops / rate, 3) if rate else None,
         spread=round((max(times) - min(times)) / dt, 3), compile_s=round(compile_s, 2),
-        final_loss=round(float(m["loss"].reshape(-1)[-1]), 4), peak_mem_mb=round(peak_mem, 1),
+        final_loss=round(float(np.asarray(m["loss"].addressable_data(0)).reshape(-1)[-1]), 4),
+        peak_mem_mb=round(peak_mem, 1),
         jax=jax.__version__, host=platform.node())), flush=True)
     if _PROFILE.value:
       for row in top_kernels(f"{_PROFILE.value}/{mode}{k}", steps, _KERNELS.value):

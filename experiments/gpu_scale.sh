@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -95,6 +95,21 @@ for section in "$@"; do
     run CUDA_VISIBLE_DEVICES=0 python3 -m jaxlm.main $common --config.workdir=/tmp/run_1gpu
     for r in 2gpu 1gpu; do cp /tmp/run_$r/metrics.jsonl $OUT/retime2_${r}_metrics.jsonl; done
     unset JAX_COMPILATION_CACHE_DIR ;;
+  comm)  # NCCL's lighter all-reduce kernels, against the compute slowed beside the ring kernels (the
+         # 97% gap, "Where the 2-GPU step's extra time goes"): symmetric memory windows (NCCL 2.27's
+         # load-store kernels over NVLink, no multicast), registered user buffers, one hardware queue
+    one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
+    sym="--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"
+    run CUDA_VISIBLE_DEVICES=0 $one
+    run $dp
+    run XLA_FLAGS="$sym" NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $dp
+    grep -iE "symmetric|window|NCCL version" /tmp/run.log | sort | uniq -c | head -20 | tee -a $OUT/log.txt
+    run XLA_FLAGS="--xla_gpu_enable_nccl_user_buffers=true" $dp
+    run XLA_FLAGS="$sym --xla_gpu_enable_nccl_user_buffers=true" $dp
+    run CUDA_DEVICE_MAX_CONNECTIONS=1 $dp
+    run NCCL_PROTO=Simple XLA_FLAGS="$sym" $dp
+    run XLA_FLAGS="$sym" $dp --config.mesh.fsdp=2
+    run CUDA_VISIBLE_DEVICES=0 $one ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)
