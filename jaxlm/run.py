@@ -62,6 +62,9 @@ class LoopState:
   bad_epochs: int = 0  # consecutive epochs without a better validation loss
   train_loss_sum: float = 0.0  # of the epoch in progress: non-zero only in a mid-epoch checkpoint
   train_steps: int = 0
+  # [loss, gradient norm] of each step of the logging interval in progress (a mid-interval checkpoint's
+  # too, so that the resumed run logs the same means)
+  interval: list = dataclasses.field(default_factory=list)
 
   def improve(self, val_loss: float) -> bool:
     """Records an epoch's validation loss; True when it is the best so far."""
@@ -85,8 +88,8 @@ def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: 
   if bool(old["training.ema_decay"]) != bool(new["training.ema_decay"]):  # the decay itself may change
     clash.append(f"training.ema_decay {old['training.ema_decay']!r} -> {new['training.ema_decay']!r} (a moving "
                  f"average of the weights is kept or not)")
-  if meta["data"] != data_name:
-    clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}")
+  if not data_lib.same_tokens(meta["data"], data_name):
+    clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}: other text or tokenizer")
   if clash:
     raise checkpoint_lib.CheckpointError(
         f"the checkpoint in {where} belongs to a run with other settings ({'; '.join(clash)}). Resume "
@@ -404,7 +407,6 @@ class _Run:
     self.seqs = None if self.config.data.shift_windows else sharding_lib.put(setup.train_seqs, self.replicated)
     self.programs = {}  # steps per call -> the compiled train_steps
     self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply, ts.mesh, ts.state_shardings.params)
-    self.interval = []  # metrics of the logging interval in progress
     self.sampler, self.sample_prompt = self._make_sampler()
 
   def _resume(self) -> tuple[train_lib.TrainState, LoopState]:
@@ -421,7 +423,8 @@ class _Run:
     meta = self.checkpoints.restore_meta("last")
     _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
     state, meta = self.checkpoints.restore("last", fresh)
-    loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState)})
+    # (a checkpoint saved before a field was added has the field's default)
+    loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState) if f.name in meta})
     print(f"resuming from {self.checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
           f"{int(state.step):,}, best val loss {loop.best_val_loss}", flush=True)
     return state, loop
@@ -556,7 +559,7 @@ class _Run:
   def log_steps(self, epoch: int, step: int, host: list[dict]) -> None:
     """Adds the metrics of the steps up to `step` to the epoch's and to the logging interval's; at
     the interval's (or the epoch's) end, logs the interval's means to TensorBoard and prints a
-    progress line. A stop's partial interval is logged by the resumed run."""
+    progress line. A stop's partial interval is kept in the checkpoint and logged by the resumed run."""
     t, end = self.config.training, epoch * self.s.steps_per_epoch
     self.checkpoints.check()  # a background save that failed stops the run here
     losses = [float(m["loss"]) for m in host]
@@ -571,12 +574,12 @@ class _Run:
           f"resume from `last`, or add --fresh to start over.")
     self.loop.train_loss_sum += math.fsum(losses)
     self.loop.train_steps += len(losses)
-    self.interval += host
+    self.loop.interval += [[float(m["loss"]), float(m["grad_norm"])] for m in host]
     if not (step % t.log_every_steps == 0 or step == end):
       return
-    means = {k: float(np.mean([m[k] for m in self.interval])) for k in ("loss", "grad_norm")}
-    means["learning_rate"] = float(self.interval[-1]["learning_rate"])
-    self.interval = []
+    loss, grad_norm = np.mean(self.loop.interval, axis=0)
+    means = {"loss": float(loss), "grad_norm": float(grad_norm), "learning_rate": float(host[-1]["learning_rate"])}
+    self.loop.interval = []
     self.tb.scalars(step, {**means, **self.progress.rates(step)}, "train")
     if step % t.log_every_steps == 0:
       print(self.progress.line(epoch, t.epochs, step, means["loss"], means["learning_rate"], end - step), flush=True)

@@ -70,9 +70,8 @@ def outcome(workdir: str) -> dict:
     test = json.load(f)
   events = EventAccumulator(os.path.join(workdir, "tensorboard"))
   events.Reload()
-  curves = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"] if tag.startswith(("val/", "test/"))}
-  curves["train steps"] = [e.step for e in events.Scalars("train/loss")]
+  curves = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag.startswith(("val/", "test/")) or tag in ("train/loss", "train/grad_norm", "train/learning_rate")}
   return {"rows": rows, "test": test, "curves": curves,
           "checkpoints": {name: read_checkpoint(workdir, name) for name in ("last", "best")}}
 

@@ -201,10 +201,10 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tiny_config, tmp_path):
   columns = sorted(set(a.columns) - TIMING_KEYS)
   pd.testing.assert_frame_equal(a[columns], b[columns])
   ours, theirs = scalars(tiny_config.workdir), scalars(reference.workdir)
-  for tag in ("val/loss", "val/bpb", "train/learning_rate", "test/loss"):
-    assert ours[tag] == theirs[tag], tag  # every point, once, with the same values
-  # Training loss is a mean over each logging interval: the interrupted one averages fewer steps.
-  assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
+  # Every point, once, with the same values: the training curves' means over a logging interval too,
+  # the one a stop cut included (its first steps are kept in the checkpoint).
+  for tag in ("val/loss", "val/bpb", "train/learning_rate", "train/loss", "train/grad_norm", "test/loss"):
+    assert ours[tag] == theirs[tag], tag
 
 
 def text_events(workdir, tag) -> list[tuple[int, str]]:
@@ -280,9 +280,9 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
     columns = sorted(set(a.columns) - TIMING_KEYS)
     pd.testing.assert_frame_equal(a[columns], b[columns])
     ours, theirs = scalars(tiny_config.workdir), scalars(reference.workdir)
-    assert ours["val/loss"] == theirs["val/loss"]
-    # Every training point is logged once, a stop's interval by the resumed run.
-    assert [s for s, _ in ours["train/loss"]] == [s for s, _ in theirs["train/loss"]]
+    # Every training point is logged once, with the same value: a stop's interval by the resumed run.
+    for tag in ("val/loss", "train/loss", "train/grad_norm"):
+      assert ours[tag] == theirs[tag], tag
 
 
 def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
@@ -329,8 +329,7 @@ def test_several_steps_per_call_train_as_single_steps_and_resume_exactly(tiny_co
   columns = sorted(set(a.columns) - TIMING_KEYS)
   pd.testing.assert_frame_equal(a[columns], b[columns])
   ours, theirs = scalars(tiny_config.workdir)["train/loss"], scalars(reference.workdir)["train/loss"]
-  assert [s for s, _ in ours] == [s for s, _ in theirs]  # the interval a stop cut is the resumed run's mean
-  assert [p for p in ours if p[0] not in (10,)] == [p for p in theirs if p[0] not in (10,)]
+  assert ours == theirs  # the interval a stop cut (steps 6-10) too
 
 
 def test_progress_is_logged_with_its_rate_when_the_call_after_a_log_line_compiles(tiny_config, capsys):
@@ -508,6 +507,26 @@ def test_more_epochs_on_resume_warns_that_the_schedule_changes(tiny_config, caps
   run_lib.train_and_evaluate(tiny_config)
   assert (f"the learning-rate schedule now spans {2 * steps_per_epoch:,} steps instead of "
           f"{steps_per_epoch:,}") in capsys.readouterr().out
+
+
+def test_a_run_resumes_on_its_corpus_moved_elsewhere_and_refuses_another_corpus(tiny_config, tmp_path, capsys):
+  """The corpus is recognised by its files' contents, not by the folder's name or place."""
+  tiny_config.training.epochs = 1
+  run_lib.train_and_evaluate(tiny_config)
+  moved = tmp_path / "elsewhere" / "wikitext"
+  shutil.copytree(tiny_config.data.data_dir, moved)
+  tiny_config.data.data_dir = str(moved)
+  tiny_config.training.epochs = 2
+  capsys.readouterr()
+  run_lib.train_and_evaluate(tiny_config)
+  assert f"resuming from {os.path.abspath(tiny_config.workdir)}/checkpoints/last: 1 epoch(s) done" in \
+      capsys.readouterr().out
+  assert len(read_metrics(tiny_config.workdir)) == 2
+  write_corpus(moved, seed=1)  # other text in the same folder
+  tiny_config.training.epochs = 3
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"data \(tokenized corpus\) wikitext-bpe\d+-\w+ -> "
+                                                           r"wikitext-bpe\d+-\w+: other text or tokenizer\)"):
+    run_lib.train_and_evaluate(tiny_config)
 
 
 def test_cli_overrides_reach_the_run_and_inspect_reports_it(tiny_config, tmp_path):
