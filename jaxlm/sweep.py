@@ -6,9 +6,10 @@
 
 Each point runs in `<workdir>/<its overrides>` (e.g. `learning_rate=0.0003,num_layers=4`), one after
 another in this process, exactly as `python -m jaxlm.main` would run it: a finished point is skipped,
-an interrupted one resumes. At the end (and with --report) the sweep writes `results.md` and
-`results.csv` (one row per point) and, with matplotlib installed (`pip install -e ".[plots]"`),
-`val_loss.png` (per epoch) and `train_loss.png` (per logged step, from the TensorBoard events).
+an interrupted one resumes (the settings it ran with may change only as `changed_settings` allows).
+At the end (and with --report) the sweep writes `results.md` and `results.csv` (one row per point)
+and, with matplotlib installed (`pip install -e ".[plots]"`), `val_loss.png` (per epoch) and
+`train_loss.png` (per logged step, from the TensorBoard events).
 """
 import csv
 import functools
@@ -80,8 +81,33 @@ def grid(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdir: st
       config_lib.validate(point)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"the grid point {point_name(overrides)}: {e}") from None
+    if any(p.workdir == point.workdir for p in points):
+      raise UsageError(f"two grid points would share the directory {point.workdir}: give values that differ "
+                       f"in more than '/' and '_'")
     points.append(point)
   return points
+
+
+# A point's settings that may differ from those it was run with: where and how it runs, not what it
+# trains. A change of _EXTENDING keys runs a finished point again (it trains on, or checks that the
+# data moved elsewhere is the same); any other change is refused.
+_HOW = config_lib.LOCATION_KEYS + ("device", "mesh.data", "mesh.fsdp", "data.raw_dir", "data.processed_dir",
+                                   "training.eval_batch_size", "training.log_every_steps",
+                                   "training.checkpoint_every_steps", "training.checkpoint_every_minutes",
+                                   "training.steps_per_call")
+_EXTENDING = ("training.epochs", "training.patience", "data.data_dir")
+
+
+def changed_settings(point: ml_collections.ConfigDict) -> list[str]:
+  """'key old -> new' for each setting of `point` that differs from what its directory was run with
+  ([] for a point not started), sample.* and _HOW left out."""
+  path = os.path.join(point.workdir, workdir_lib.CONFIG_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    old = config_lib.flatten(config_lib.upgrade(json.load(f)))
+  return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config_lib.flatten(point).items()
+          if old.get(k) != v and k not in _HOW and not k.startswith("sample.")]
 
 
 FAILED_FILE = "sweep_failed.txt"  # in a point's run directory: why its training stopped
@@ -101,11 +127,19 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
   training fails (e.g. diverges at a high learning rate) is reported as failed, and the sweep goes
   on; running the sweep again tries it again."""
   points = grid(config, sweeps, workdir)
+  changes = {os.path.basename(p.workdir): changed_settings(p) for p in points}
+  refused = {name: [c for c in changed if not c.startswith(_EXTENDING)] for name, changed in changes.items()}
+  refused = {name: changed for name, changed in refused.items() if changed}
+  if refused:
+    name, changed = next(iter(refused.items()))
+    raise UsageError(f"the sweep in {workdir} ran with other settings ({len(refused)} point(s); {name}: "
+                     f"{'; '.join(changed)}): re-run it with the settings it had (more training.epochs or "
+                     f"patience train its points on), or give this sweep another --workdir")
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(os.path.join(workdir, "sweep.json"), {"sweep": sweeps, "config": config.to_dict()})
   for i, point in enumerate(points, 1):
     name, failed = os.path.basename(point.workdir), os.path.join(point.workdir, FAILED_FILE)
-    if is_finished(point.workdir):
+    if is_finished(point.workdir) and not changes[name]:
       print(f"sweep: point {i}/{len(points)} {name} is finished; skipped", flush=True)
       continue
     print(f"sweep: point {i}/{len(points)} {name}", flush=True)
@@ -227,8 +261,14 @@ def read_epochs(point_dir: str) -> list[dict]:
   path = os.path.join(point_dir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:  # a last line cut off by a crash: the resumed run writes it again
+        pass
+  return records
 
 
 def _val_curves(point_dir: str) -> tuple[list, list]:

@@ -47,6 +47,8 @@ def test_sweeps_make_a_grid_of_validated_points_named_by_their_overrides(tiny_co
   with pytest.raises(sweep_lib.config_lib.ConfigError, match=r"the grid point num_heads=3: config key "
                      r"'model.d_model' = 32 must be divisible by 'model.num_heads' = 3"):
     sweep_lib.grid(tiny_config, {"model.num_heads": [2, 3]}, str(tmp_path / "sweep"))
+  with pytest.raises(UsageError, match=r"two grid points would share the directory .*prompt= a_b"):
+    sweep_lib.grid(tiny_config, {"sample.prompt": [" a/b", " a_b"]}, str(tmp_path / "sweep"))
 
 
 def test_a_sweep_runs_every_point_skips_finished_ones_and_reports(tiny_config, tmp_path, capsys):
@@ -76,6 +78,28 @@ def test_a_sweep_runs_every_point_skips_finished_ones_and_reports(tiny_config, t
   assert "point 1/2 learning_rate=0.003 is finished; skipped" in out
   assert "the run in " in out and "is already complete (2 epochs)" in out  # the second resumed, nothing to train
   assert [r["test_perplexity"] for r in again] == [r["test_perplexity"] for r in rows]
+
+  # Settings other than the ones it ran with are refused before anything runs: the finished points'
+  # results would otherwise be shown as those of the new settings.
+  with open(os.path.join(workdir, "sweep.json")) as f:
+    recorded = f.read()
+  for key, value, message in (("model.d_model", 64, "model.d_model 32 -> 64"),
+                              ("training.weight_decay", 0.5, "training.weight_decay 0.01 -> 0.5")):
+    changed = tiny_config.copy_and_resolve_references()
+    changed[key.split(".")[0]][key.split(".")[1]] = value
+    with pytest.raises(UsageError, match=rf"the sweep in {workdir} ran with other settings \(2 point\(s\); "
+                                         rf"learning_rate=0.003: {message}\): re-run it with the settings it had"):
+      sweep_lib.run_sweep(changed, sweeps, workdir)
+    with open(os.path.join(workdir, "sweep.json")) as f:
+      assert f.read() == recorded
+  # More epochs train the finished points on; how a point runs may change (log lines, device, ...).
+  tiny_config.training.epochs, tiny_config.training.log_every_steps = 3, 7
+  more = sweep_lib.run_sweep(tiny_config, sweeps, workdir)
+  assert [r["epochs"] for r in more] == [3, 3]
+  # A metrics line cut off by a crash (the resumed run writes it again) does not stop the report.
+  with open(os.path.join(workdir, "learning_rate=0.01", "metrics.jsonl"), "a") as f:
+    f.write('{"epoch": 4, "global_st')
+  assert [r["epochs"] for r in sweep_lib.report(workdir)] == [3, 3]
 
 
 def test_a_point_that_diverges_is_reported_failed_and_the_sweep_goes_on(tiny_config, tmp_path, capsys):
