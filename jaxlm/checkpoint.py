@@ -205,6 +205,6 @@ class Checkpoints:
   def _unreadable(self, name: str, number: int, error: Exception) -> CheckpointError:
     path = os.path.join(self.directory, name, str(number))
     return CheckpointError(
-        f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error)[:300]}). It may be "
+        f"checkpoint {path} cannot be read ({cause(error)}). It may be "
         f"damaged or from an incompatible version. Move it out of the way (nothing is deleted), or "
         f"start a fresh run with --fresh or another --config.workdir.")

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from typing import Callable
 
@@ -26,6 +27,24 @@ class UserError(Exception):
 
 class UsageError(UserError):
   """A bad command line (exit status 2)."""
+
+
+@contextlib.contextmanager
+def interrupt_after():
+  """Holds a Ctrl-C back until the block is done, then raises KeyboardInterrupt: one that lands
+  while XLA compiles can crash the interpreter on its way out (a segfault instead of status 130)."""
+  received = []
+  previous = signal.getsignal(signal.SIGINT)
+  held = threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN
+  if held:
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    if held:
+      signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

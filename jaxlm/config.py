@@ -4,6 +4,7 @@ The values live in `configs/base.py`; this module says what each key may hold, c
 before any work, and turns the `auto` settings into concrete choices.
 """
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -24,7 +25,7 @@ def _positive(v):
 
 
 def _non_negative(v):
-  return v >= 0 or "must be >= 0"
+  return 0 <= v < math.inf or "must be >= 0 and finite"
 
 
 def _one_of(*choices):

@@ -38,7 +38,7 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
-from jaxlm.cli import UserError
+from jaxlm.cli import UserError, interrupt_after
 
 
 class TrainingError(UserError):
@@ -323,7 +323,8 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
-  train = train_lib.setup(config, corpus.vocab_size, num_steps)
+  with interrupt_after():  # XLA compiles the fresh state
+    train = train_lib.setup(config, corpus.vocab_size, num_steps)
   return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
                 config_lib.steps_per_call(config, train.device, train.flops_per_device_step,
                                           config.training.epochs * steps_per_epoch))

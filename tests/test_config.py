@@ -74,6 +74,7 @@ def test_unknown_variant_fails():
     ("training.batch_size", 0, "'training.batch_size' = 0 must be > 0"),
     ("training.epochs", 0, "'training.epochs' = 0 must be > 0"),
     ("training.learning_rate", -1e-3, "'training.learning_rate' = -0.001 must be >= 0"),
+    ("training.learning_rate", float("inf"), "'training.learning_rate' = inf must be >= 0 and finite"),
     ("training.min_learning_rate", 1e-3, "'training.min_learning_rate' = 0.001 must not exceed"),
     ("training.warmup_steps", 3000, "'training.warmup_steps' = 3000 must be below 'training.num_steps' = 3000"),
     ("training.num_steps", 0, "'training.num_steps' = 0 must be > 0, or -1"),

@@ -285,6 +285,21 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
       assert ours[tag] == theirs[tag], tag
 
 
+def test_a_ctrl_c_while_the_fresh_state_compiles_stops_the_run_once_the_compile_is_done(tiny_config, monkeypatch):
+  """KeyboardInterrupt raised inside XLA's compile could crash Python on its way out (status 139)."""
+  real, compiled = train_lib.setup, []
+
+  def setup(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the compile starts
+    compiled.append(real(*args, **kwargs))
+    return compiled[-1]
+
+  monkeypatch.setattr(train_lib, "setup", setup)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.train_and_evaluate(tiny_config)
+  assert compiled and not os.path.exists(os.path.join(tiny_config.workdir, "checkpoints"))
+
+
 def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
   """tensorboardX names an event file by the second it opens and truncates an existing one: a run
   stopped and resumed within one second must still keep the stopped run's points."""
