@@ -30,7 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py"
 _PROMPT = flags.DEFINE_integer("prompt_tokens", 512, "prompt length")
 _NEW = flags.DEFINE_integer("new_tokens", 512, "tokens generated per row")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "32"], "rows decoded together")
-_MODES = flags.DEFINE_list("modes", ["cached", "recompute"], "cached (jaxlm.generate) and/or recompute")
+_MODES = flags.DEFINE_list("modes", ["cached", "recompute"], "cached (make_sampler), cached_stop (as "
+                          "`python -m jaxlm.generate` runs it: asking the host every 16 tokens whether to stop) "
+                          "and/or recompute")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "vocabulary")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls after the compiling one; the median is reported")
 
@@ -71,8 +73,9 @@ def main(argv):
       prompts = np.random.default_rng(0).integers(0, _VOCAB.value, (batch, _PROMPT.value), dtype=np.int32)
       lengths = np.full(batch, _PROMPT.value, np.int32)
       for mode in _MODES.value:
-        sampler = (generate_lib.make_sampler(model, _NEW.value, temperature=0.0) if mode == "cached"
-                   else recompute_sampler(model, _NEW.value))
+        sampler = (recompute_sampler(model, _NEW.value) if mode == "recompute" else
+                   generate_lib.make_sampler(model, _NEW.value, temperature=0.0,
+                                             stop=(lambda: False) if mode == "cached_stop" else None))
         t0 = time.perf_counter()
         tokens, _ = jax.block_until_ready(sampler(params, prompts, lengths, 0))
         first_s = time.perf_counter() - t0

@@ -32,18 +32,38 @@ class UsageError(UserError):
 @contextlib.contextmanager
 def interrupt_after():
   """Holds a Ctrl-C back until the block is done, then raises KeyboardInterrupt: one that lands
-  while XLA compiles can crash the interpreter on its way out (a segfault instead of status 130)."""
+  while XLA compiles can crash the interpreter on its way out (a segfault instead of status 130).
+  Yields a function that says whether one came, for work that can stop early (callable from any
+  thread: while the main thread waits on the device, Python runs no signal handler, so the signal
+  is also read from the wakeup pipe its C-level handler writes to)."""
   received = []
   previous = signal.getsignal(signal.SIGINT)
-  held = threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN
-  if held:
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+    yield lambda: False
+    return
+  read_end, write_end = os.pipe()
+  os.set_blocking(read_end, False)
+  os.set_blocking(write_end, False)
+
+  def interrupted() -> bool:
+    try:
+      if signal.SIGINT in os.read(read_end, 512):
+        received.append(signal.SIGINT)
+    except BlockingIOError:
+      pass
+    return bool(received)
+
+  signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
   try:
-    yield
+    yield interrupted
   finally:
-    if held:
-      signal.signal(signal.SIGINT, previous)
-  if received:
+    signal.set_wakeup_fd(previous_fd)
+    signal.signal(signal.SIGINT, previous)
+    stopped = interrupted()
+    os.close(read_end)
+    os.close(write_end)
+  if stopped:
     raise KeyboardInterrupt
 
 

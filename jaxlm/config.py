@@ -101,7 +101,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "sample.temperature": (float, _non_negative),
     "sample.top_k": (int, _non_negative),
     "sample.top_p": (float, lambda v: 0 < v <= 1 or "must be in (0, 1]"),
-    "sample.seed": (int, _non_negative),
+    "sample.seed": (int, lambda v: 0 <= v < 2**31 or "must be in [0, 2**31)"),
 }
 
 

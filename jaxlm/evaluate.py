@@ -188,8 +188,9 @@ def main(argv) -> None:
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
   if config.data.data_dir and not os.path.isdir(config.data.data_dir):  # e.g. the run's relative path
-    raise EvaluateError(f"the folder {config.data.data_dir!r} is not there (from {os.getcwd()}): pass "
-                        f"--data_dir=FOLDER holding the {FLAGS.split} split's text")
+    what = "is a file, not a folder" if os.path.exists(config.data.data_dir) else f"is not there (from {os.getcwd()})"
+    raise EvaluateError(f"the folder {config.data.data_dir!r} {what}: pass --data_dir=FOLDER holding the "
+                        f"{FLAGS.split} split's text")
   source = data.source_spec(config, [FLAGS.split])
   lines = data.read_rows(config, source, [FLAGS.split])[FLAGS.split]
   tokens = data.encode(trained.tokenizer, lines)

@@ -139,7 +139,8 @@ def export(workdir: str, out: str, checkpoint: str = "best") -> None:
         json.dump(obj, f, indent=2)
 
     write_json("config.json", _gpt2_config(trained.config, vocab_size, end_id))
-    safetensors.numpy.save_file(tensors, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+    with naming(os.path.join(out, MODEL_FILE)):  # its I/O errors are plain exceptions ending "(os error N)"
+      safetensors.numpy.save_file(tensors, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
     with naming(os.path.join(out, "tokenizer.json")):
       trained.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     write_json("tokenizer_config.json", _tokenizer_config(trained.context, end_id is not None))

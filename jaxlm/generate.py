@@ -11,6 +11,7 @@ sliding window: the last `context` tokens are run through the model again for ea
 token. Temperature 0 is greedy; top-k and top-p (nucleus) cut the distribution before sampling.
 Randomness: fold_in(PRNGKey(seed), step), so a seed repeats.
 """
+import math
 import sys
 from typing import Callable, NamedTuple
 
@@ -19,23 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from jaxlm import cli
 from jaxlm import model as model_lib
-from jaxlm.data import END_OF_TEXT
 from jaxlm.cli import UserError
+from jaxlm.data import END_OF_TEXT
+
+MAX_NEW_TOKENS = 2**30  # positions are int32
 
 class GenerateError(UserError):
   """Bad input to generation; the message says what to fix."""
 
 
 def check_settings(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
-  if temperature < 0:
-    raise GenerateError(f"temperature = {temperature} must be >= 0 (0 is greedy)")
+  if not 0 <= temperature < math.inf:
+    raise GenerateError(f"temperature = {temperature} must be >= 0 and finite (0 is greedy)")
   if not 0 < top_p <= 1:
     raise GenerateError(f"top_p = {top_p} must be in (0, 1] (1 turns it off)")
   if top_k < 0:
     raise GenerateError(f"top_k = {top_k} must be >= 0 (0 turns it off)")
-  if max_new_tokens < 0:
-    raise GenerateError(f"max_new_tokens = {max_new_tokens} must be >= 0")
+  if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+    raise GenerateError(f"max_new_tokens = {max_new_tokens} must be in [0, {MAX_NEW_TOKENS:,}]")
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -59,6 +63,8 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, temperature: float, top_k
   logits_BV = logits_BV.astype(jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  # The best logit at 0 first: a tiny temperature then sends the others to -inf, never one to +inf.
+  logits_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
   logits_BV = filter_logits(logits_BV / temperature, top_k, top_p)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
@@ -73,15 +79,23 @@ class _Decoding(NamedTuple):
   cache: dict  # the model's decode cache (unused past the context)
 
 
-def _steps(body, state: _Decoding, n: int, chunk: int = 16) -> _Decoding:
-  """`n` (static) calls of body, stopping early once every row has ended. A loop of known length
-  runs on a GPU without the host reading its condition back at every token: that is done once
-  per `chunk` tokens (on an H200 at batch 1: 9.5k instead of 8.5k tokens/s for the base model)."""
+def _steps(body, state: _Decoding, n: int, stop: Callable[[], bool] | None = None, chunk: int = 16) -> _Decoding:
+  """`n` (static) calls of body, stopping early once every row has ended, or when `stop()` (asked on
+  the host) says so. A loop of known length runs on a GPU without the host reading its condition
+  back at every token: that is done once per `chunk` tokens (on an H200 at batch 1: 9.5k instead of
+  8.5k tokens/s for the base model)."""
   full, rest = divmod(n, chunk)
   run = lambda s, k: jax.lax.fori_loop(0, k, lambda _, s: body(s), s)  # noqa: E731
+
+  def run_chunk(s: _Decoding) -> _Decoding:
+    s = run(s, chunk)
+    if stop is not None:  # every row ends
+      s = s._replace(done_B=s.done_B | io_callback(lambda: np.bool_(stop()), jax.ShapeDtypeStruct((), jnp.bool_)))
+    return s
+
   if full:
-    stop = state.step + full * chunk
-    state = jax.lax.while_loop(lambda s: (s.step < stop) & ~jnp.all(s.done_B), lambda s: run(s, chunk), state)
+    end = state.step + full * chunk
+    state = jax.lax.while_loop(lambda s: (s.step < end) & ~jnp.all(s.done_B), run_chunk, state)
   if rest:
     state = jax.lax.cond(jnp.all(state.done_B), lambda s: s, lambda s: run(s, rest), state)
   return state
@@ -89,12 +103,13 @@ def _steps(body, state: _Decoding, n: int, chunk: int = 16) -> _Decoding:
 
 def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, end_id: int | None = None,
-                 stream: Callable[[np.ndarray], None] | None = None):
+                 stream: Callable[[np.ndarray], None] | None = None, stop: Callable[[], bool] | None = None):
   """A jitted fn(params, tokens_BP, lengths_B, seed) -> (tokens [B, P + max_new_tokens], lengths [B]):
   row b's prompt is tokens_BP[b, :lengths_B[b]] (each at most the model's context, the longest
   P = tokens_BP.shape[1] long); the result holds the prompt and what follows it, up to the row's
   final length (an end token included). `stream`, when given, receives each step's new tokens [B]
-  on the host as they are made."""
+  on the host as they are made; `stop`, when given, is asked every few tokens whether to end every
+  row there (a Ctrl-C: the loop runs on the device, out of Python's reach)."""
   check_settings(temperature, top_k, top_p, max_new_tokens)
   context = model.max_seq_length
   end = -1 if end_id is None else end_id
@@ -144,8 +159,8 @@ def make_sampler(model: model_lib.Transformer, max_new_tokens: int, temperature:
 
     # The longest prompt is P tokens: its next max_new_tokens fit the cache up to the context.
     cached = min(max_new_tokens, context - P)
-    state = _steps(cached_step, state, cached)
-    state = _steps(window_step, state, max_new_tokens - cached)
+    state = _steps(cached_step, state, cached, stop)
+    state = _steps(window_step, state, max_new_tokens - cached, stop)
     return state.tokens_BT, state.lengths_B
 
   return sample
@@ -186,18 +201,36 @@ def encode_prompt(tokenizer, text: str, context: int, warn: Callable[[str], None
 
 
 class TextStream:
-  """Prints one row's tokens as text as they arrive (whole characters only)."""
+  """Prints one row's tokens as text as they arrive (whole characters only). Each token decodes a
+  few, not the whole row: the new text is the decoding of ids[start:] less that of
+  ids[start:printed], the tokens before `printed` there to give the decoder its context (a leading
+  space, say)."""
 
   def __init__(self, tokenizer, out=sys.stdout):
-    self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+    self.tokenizer, self.out, self.ids, self.start, self.printed = tokenizer, out, [], 0, 0
+    self.error = None  # a failed write (a closed pipe): raised by close(), not in the device's callback
 
   def __call__(self, new_B: np.ndarray) -> None:
     self.ids.append(int(new_B[0]))
-    text = self.tokenizer.decode(self.ids)
-    if not text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-      self.out.write(text[len(self.printed):])
+    self._write(final=False)
+
+  def _write(self, final: bool) -> None:
+    before = self.tokenizer.decode(self.ids[self.start:self.printed])
+    text = self.tokenizer.decode(self.ids[self.start:])
+    if self.error or len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+      return  # nothing new, or a character split across tokens: wait for the rest
+    try:
+      self.out.write(text[len(before):])
       self.out.flush()
-      self.printed = text
+    except OSError as e:
+      self.error = e
+    self.start, self.printed = self.printed, len(self.ids)
+
+  def close(self) -> None:
+    """Prints what is left (an unfinished character as U+FFFD); raises a failed write's error."""
+    self._write(final=True)
+    if self.error:
+      raise self.error
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -240,6 +273,8 @@ def main(argv) -> None:
   prompts = _read_prompts(FLAGS)
   if FLAGS.num_samples < 1:
     raise GenerateError(f"--num_samples={FLAGS.num_samples} must be >= 1")
+  if FLAGS.seed is not None and not 0 <= FLAGS.seed < 2**31:
+    raise GenerateError(f"--seed={FLAGS.seed} must be in [0, 2**31)")
   pick = lambda flag, default: default if flag is None else flag  # noqa: E731
   check_settings(pick(FLAGS.temperature, 1.0), pick(FLAGS.top_k, 0), pick(FLAGS.top_p, 1.0), FLAGS.max_new_tokens)
   trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
@@ -256,10 +291,13 @@ def main(argv) -> None:
         f"top_k {settings['top_k']}, top_p {settings['top_p']}", file=sys.stderr, flush=True)
   if streaming:
     print(trained.tokenizer.decode(ids[0]), end="", flush=True)
-  sampler = make_sampler(trained.model, FLAGS.max_new_tokens, **settings, end_id=end_id,
-                         stream=TextStream(trained.tokenizer) if streaming else None)
-  tokens, lengths = sampler(trained.params, *pad_prompts(ids), pick(FLAGS.seed, s.seed))
+  stream = TextStream(trained.tokenizer) if streaming else None
+  with cli.interrupt_after() as interrupted:  # a Ctrl-C, or a reader gone (`| head`), ends the decode soon
+    sampler = make_sampler(trained.model, FLAGS.max_new_tokens, **settings, end_id=end_id, stream=stream,
+                           stop=lambda: interrupted() or bool(stream and stream.error))
+    tokens, lengths = jax.device_get(sampler(trained.params, *pad_prompts(ids), pick(FLAGS.seed, s.seed)))
   if streaming:  # the text is out already
+    stream.close()
     print(flush=True)
     return
   new = completions(tokens, lengths, [len(i) for i in ids], end_id)
@@ -269,6 +307,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from jaxlm import cli
   _define_flags()
   cli.run(main)

@@ -156,8 +156,9 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
   tpu) in the run's `model.dtype`."""
   from tokenizers import Tokenizer
   if not os.path.isdir(workdir):
-    raise WorkdirError(f"the work directory {workdir!r} does not exist (pass a run's config.workdir, "
-                       f"e.g. runs/experiment_1)")
+    what = "is a file" if os.path.exists(workdir) else "does not exist"
+    raise WorkdirError(f"the work directory {workdir!r} {what} (pass a run's config.workdir, e.g. "
+                       f"runs/experiment_1)")
   tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
   if not os.path.isfile(tokenizer_path):
     raise WorkdirError(f"{workdir} has no {TOKENIZER_FILE}: it is not a run's work directory, or its run "

@@ -88,6 +88,7 @@ def test_unknown_variant_fails():
     ("training.checkpoint_every_minutes", -5.0, "'training.checkpoint_every_minutes' = -5.0 must be >= 0"),
     ("sample.max_new_tokens", -1, "'sample.max_new_tokens' = -1 must be >= 0"),
     ("sample.temperature", -0.1, "'sample.temperature' = -0.1 must be >= 0"),
+    ("sample.seed", 2**31, r"'sample.seed' = 2147483648 must be in \[0, 2\*\*31\)"),
     ("sample.top_p", 0.0, r"'sample.top_p' = 0.0 must be in \(0, 1\]"),
     ("sample.top_p", 1.5, r"'sample.top_p' = 1.5 must be in \(0, 1\]"),
     ("sample.prompt", "  ", "'sample.prompt' is empty: give the samples while training a prompt"),

@@ -228,6 +228,10 @@ def test_evaluate_command_errors_are_one_line(tiny_config, tmp_path):
   assert no_text.returncode == 1 and no_text.stderr.strip().splitlines() == [
       f"error: the folder '{tmp_path / 'gone'}' is not there (from {tmp_path}): pass --data_dir=FOLDER holding the "
       f"test split's text"]
+  a_file = os.path.join(tiny_config.data.data_dir, "test.txt")
+  not_folder = run_evaluate(f"--workdir={tiny_config.workdir}", f"--data_dir={a_file}", cwd=tmp_path)
+  assert not_folder.returncode == 1 and not_folder.stderr.strip().splitlines() == [
+      f"error: the folder '{a_file}' is a file, not a folder: pass --data_dir=FOLDER holding the test split's text"]
   bad_batch = run_evaluate(f"--workdir={tiny_config.workdir}", "--batch_size=0", cwd=tmp_path)
   assert bad_batch.returncode == 1 and bad_batch.stderr.strip().splitlines() == ["error: --batch_size=0 must be >= 1"]
   no_flag = run_evaluate(cwd=tmp_path)

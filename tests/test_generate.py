@@ -2,8 +2,10 @@
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +126,8 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
       if len(allowed) > 1:
         assert len(set(samples[:, row])) > 1  # it still samples
   assert (np.asarray(generate_lib.sample_token(keys[0], logits, 0.0, 0, 1.0)) == order[:, 0]).all()
+  # A temperature near 0 is near greedy (logits / 1e-40 would overflow to inf and draw anything).
+  assert (np.asarray(generate_lib.sample_token(keys[0], logits * 100, 1e-40, 0, 1.0)) == order[:, 0]).all()
 
 
 def test_text_stream_prints_whole_characters_as_tokens_come():
@@ -141,6 +145,46 @@ def test_text_stream_prints_whole_characters_as_tokens_come():
   assert not any("\ufffd" in text for text in seen)  # never half a character
   assert len(set(seen)) < len(seen)  # the first byte of é printed nothing
 
+  # A long stream decodes a few tokens per token, not the whole text: the same text, far faster.
+  rng = np.random.default_rng(0)
+  ids = [int(i) for i in rng.integers(0, tokenizer.get_vocab_size(), 20_000)]
+  out = io.StringIO()
+  stream = generate_lib.TextStream(tokenizer, out)
+  for i in ids:
+    stream(np.array([i]))
+  stream.close()  # prints a last unfinished character too
+  assert out.getvalue() == tokenizer.decode(ids)
+
+
+def test_text_stream_keeps_a_failed_write_for_close():
+  from tokenizers import ByteLevelBPETokenizer
+  tokenizer = ByteLevelBPETokenizer()
+  tokenizer.train_from_iterator(["a b c"], vocab_size=260, show_progress=False)
+
+  class ClosedPipe(io.StringIO):
+    def write(self, text):
+      raise BrokenPipeError(32, "Broken pipe")
+
+  stream = generate_lib.TextStream(tokenizer, ClosedPipe())
+  for i in tokenizer.encode("a b c").ids:
+    stream(np.array([i]))  # on the device's callback thread: raising there becomes XLA's error
+  assert isinstance(stream.error, BrokenPipeError)
+  with pytest.raises(BrokenPipeError):
+    stream.close()
+
+
+def test_a_stop_request_ends_every_row_within_a_chunk_of_tokens():
+  model, params = small_model()
+  asked = []
+  sampler = generate_lib.make_sampler(model, 200, temperature=1.0, stop=lambda: asked.append(1) or len(asked) >= 2)
+  _, lengths = sampler(params, *generate_lib.pad_prompts([[1, 2], [3]]), 0)
+  # Asked after each chunk of 16 tokens (the 14 up to the context are less than one): no after the
+  # first, yes after the second.
+  assert len(asked) == 2 and (np.asarray(lengths) == np.array([2, 1]) + 14 + 2 * 16).all()
+  _, lengths = generate_lib.make_sampler(model, 200, temperature=1.0, stop=lambda: False)(
+      params, *generate_lib.pad_prompts([[1, 2], [3]]), 0)
+  assert (np.asarray(lengths) == np.array([202, 201])).all()
+
 
 def test_a_prompt_longer_than_the_context_is_refused_by_the_sampler():
   model, params = small_model()
@@ -150,6 +194,7 @@ def test_a_prompt_longer_than_the_context_is_refused_by_the_sampler():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(temperature=-0.5), "temperature = -0.5 must be >= 0"),
+    (dict(temperature=float("nan")), "temperature = nan must be >= 0 and finite"),
     (dict(top_p=0.0), "top_p = 0.0 must be in (0, 1]"),
     (dict(top_p=1.5), "top_p = 1.5 must be in (0, 1]"),
     (dict(top_k=-1), "top_k = -1 must be >= 0")])
@@ -191,11 +236,35 @@ def test_generate_command_works_from_the_workdir_alone(tiny_config, tmp_path):
   assert long.returncode == 0, long.stderr
   assert "more than the model's context of 32: only its last 32 are used" in long.stderr
 
+  # The decode loop runs on the device, yet a Ctrl-C ends it within a few tokens (status 130), and a
+  # reader that goes away (`| head`) ends it quietly.
+  for stop in ("ctrl-c", "closed pipe"):
+    endless = subprocess.Popen([sys.executable, "-m", "jaxlm.generate", workdir, "--prompt= The",
+                                "--max_new_tokens=1000000", "--temperature=0"], cwd=tmp_path, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    text = b""
+    while len(text) < 100:  # tokens are coming
+      text += os.read(endless.stdout.fileno(), 100)
+    if stop == "ctrl-c":
+      endless.send_signal(signal.SIGINT)
+    else:
+      endless.stdout.close()
+    start = time.monotonic()
+    _, err = endless.communicate(timeout=60) if stop == "ctrl-c" else (None, endless.stderr.read())
+    endless.wait(timeout=60)
+    assert time.monotonic() - start < 30, stop
+    err = err.decode()
+    assert endless.returncode == (130 if stop == "ctrl-c" else 1) and "Traceback" not in err, (stop, err)
+    if stop == "ctrl-c":
+      assert err.strip().splitlines()[-1] == "interrupted; what was already saved is intact"
+
 
 @pytest.mark.parametrize("args, message", [
     (["--prompt=  "], "error: the prompt is empty: give some text with --prompt (or --prompt_file)"),
     ([], "error: no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE"),
-    (["--prompt=a", "--temperature=-1"], "error: temperature = -1.0 must be >= 0 (0 is greedy)"),
+    (["--prompt=a", "--temperature=-1"], "error: temperature = -1.0 must be >= 0 and finite (0 is greedy)"),
+    (["--prompt=a", "--max_new_tokens=3000000000"], "error: max_new_tokens = 3000000000 must be in [0, 1,073,741,824]"),
+    (["--prompt=a", "--seed=3000000000"], "error: --seed=3000000000 must be in [0, 2**31)"),
     (["--prompt=a", "--top_p=0"], "error: top_p = 0.0 must be in (0, 1] (1 turns it off)"),
     (["--prompt=a", "--top_p=2"], "error: top_p = 2.0 must be in (0, 1] (1 turns it off)"),
     (["--prompt=a", "--num_samples=0"], "error: --num_samples=0 must be >= 1"),
