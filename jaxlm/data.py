@@ -237,10 +237,10 @@ def _cache_name(source: dict, tok_spec: dict) -> str:
   return f"{label}-{tok_label}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def same_tokens(cache_name: str, other: str) -> bool:
-  """Whether two caches' names (from _cache_name) stand for the same tokens: their hash does; the
-  label before it is the source folder's name, for people, which a moved or copied folder changes."""
-  return cache_name.rsplit("-", 1)[-1] == other.rsplit("-", 1)[-1]
+def fingerprint(cache_name: str) -> str:
+  """What identifies a cache's tokens in its name (from _cache_name): the hash; the label before it
+  is the source folder's name, for people, which a moved or copied folder changes."""
+  return cache_name.rsplit("-", 1)[-1]
 
 
 def load(config: ml_collections.ConfigDict, verbose: bool = False) -> Corpus:

@@ -14,6 +14,7 @@ log boundary.
 """
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -88,7 +89,7 @@ def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: 
   if bool(old["training.ema_decay"]) != bool(new["training.ema_decay"]):  # the decay itself may change
     clash.append(f"training.ema_decay {old['training.ema_decay']!r} -> {new['training.ema_decay']!r} (a moving "
                  f"average of the weights is kept or not)")
-  if not data_lib.same_tokens(meta["data"], data_name):
+  if data_lib.fingerprint(meta["data"]) != data_lib.fingerprint(data_name):
     clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}: other text or tokenizer")
   if clash:
     raise checkpoint_lib.CheckpointError(
@@ -179,6 +180,19 @@ def _primary() -> bool:
   return jax.process_index() == 0
 
 
+def _same_on_every_process(value: str, what: str) -> None:
+  """Stops every process, each with one line, unless all of them hold the same `value`: processes
+  that train with different settings or data would silently average apart models."""
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+  digests = multihost_utils.process_allgather(digest)  # [processes, 32]
+  others = [i for i, d in enumerate(digests) if (d != digests[0]).any()]
+  if others:
+    raise UserError(f"the processes have different {what}: process(es) {', '.join(map(str, others))} differ from "
+                    f"process 0. Start every process with the same command (config and flags) and data.")
+
+
 def _primary_first(fn: Callable[[], Any], what: str) -> Any:
   """fn() on process 0 while the others wait for it (they get None): work that must be done once,
   e.g. writing the data cache. When it fails, every process stops at once, with process 0's error
@@ -261,9 +275,10 @@ def _split_sequences(config, corpus: data_lib.Corpus) -> np.ndarray:
                              + (" from any offset (data.shift_windows)" if shift else "")),
                             ("validation", 2, "one token to predict"), ("test", 2, "one token to predict")):
     if len(corpus.tokens[split]) < need:
+      smaller = (", or a smaller --config.training.batch_size or --config.data.seq_length" if split == "train"
+                 else "")
       raise data_lib.DataError(f"the {split} split has {len(corpus.tokens[split]):,} tokens: too few for {what}. "
-                               f"Use more data, or a smaller --config.training.batch_size or "
-                               f"--config.data.seq_length.")
+                               f"Use more data{smaller}.")
   train = corpus.tokens["train"]
   return data_lib.sequences(train, L, count=data_lib.num_train_windows(len(train), L, shift))
 
@@ -320,6 +335,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
   corpus = _primary_first(lambda: data_lib.load(config, verbose=True), "preparing the data")
   if corpus is None:
     corpus = data_lib.load(config)
+  _same_on_every_process(data_lib.fingerprint(os.path.basename(corpus.path)), "data (the tokenized corpus)")
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
@@ -354,6 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
   config_lib.validate(config)
   config = _init_from(config)
   config_lib.validate(config)
+  # A host's compile cache may be its own.
+  _same_on_every_process(json.dumps({**config.to_dict(), "compile_cache_dir": ""}, sort_keys=True), "settings")
   with contextlib.ExitStack() as stack:
 
     def claim():  # the directory and its lock are process 0's

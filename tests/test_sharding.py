@@ -73,12 +73,12 @@ def assert_same_losses(got: dict, want: dict):
     np.testing.assert_allclose(got[key], want[key], rtol=RTOL, err_msg=key)
 
 
-def start_two_processes(args, env):
-  """Popen of `args` as process 0 and 1 of a jax.distributed run on localhost."""
+def start_two_processes(args, env, extra=((), ())):
+  """Popen of `args` (and `extra`[i]) as process i = 0, 1 of a jax.distributed run on localhost."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  return [subprocess.Popen(args + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+  return [subprocess.Popen(args + [*extra[i], f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                    f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True) for i in range(2)]
 
@@ -143,6 +143,20 @@ def test_a_failure_on_process_0_stops_both_processes_at_once(tiny_config, tmp_pa
   assert [p.returncode for p in procs] == [1, 1]
   assert f"error: data.data_dir '{tmp_path / 'none'}' is not a directory" in outs[0][1]
   assert "error: process 0 failed while preparing the data: its output says why" in outs[1][1]
+
+
+def test_processes_started_with_other_settings_stop_before_any_work(tiny_config, tmp_path):
+  """Each process would otherwise update its copy of the weights with its own learning rate: the
+  copies drift apart, and `best` is not the model that was validated."""
+  procs = start_two_processes(child_args(tiny_config, tmp_path / "run"), devices_env(1),
+                              extra=((), ("--config.training.learning_rate=0.03",)))
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
+  for _, err in outs:
+    assert err.strip().splitlines()[-1] == ("error: the processes have different settings: process(es) 1 differ "
+                                            "from process 0. Start every process with the same command (config and "
+                                            "flags) and data.")
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_failed_write_on_process_0_stops_both_processes_at_the_next_log_line(tiny_config, tmp_path):
