@@ -178,9 +178,9 @@ def test_a_stop_request_ends_every_row_within_a_chunk_of_tokens():
   asked = []
   sampler = generate_lib.make_sampler(model, 200, temperature=1.0, stop=lambda: asked.append(1) or len(asked) >= 2)
   _, lengths = sampler(params, *generate_lib.pad_prompts([[1, 2], [3]]), 0)
-  # Asked after each chunk of 16 tokens (the 14 up to the context are less than one): no after the
+  # Asked after each chunk of 64 tokens (the 14 up to the context are less than one): no after the
   # first, yes after the second.
-  assert len(asked) == 2 and (np.asarray(lengths) == np.array([2, 1]) + 14 + 2 * 16).all()
+  assert len(asked) == 2 and (np.asarray(lengths) == np.array([2, 1]) + 14 + 2 * 64).all()
   _, lengths = generate_lib.make_sampler(model, 200, temperature=1.0, stop=lambda: False)(
       params, *generate_lib.pad_prompts([[1, 2], [3]]), 0)
   assert (np.asarray(lengths) == np.array([202, 201])).all()
