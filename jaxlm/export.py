@@ -141,6 +141,7 @@ def export(workdir: str, out: str, checkpoint: str = "best") -> None:
     write_json("config.json", _gpt2_config(trained.config, vocab_size, end_id))
     with naming(os.path.join(out, MODEL_FILE)):  # its I/O errors are plain exceptions ending "(os error N)"
       safetensors.numpy.save_file(tensors, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+    shutil.copymode(os.path.join(tmp, "config.json"), os.path.join(tmp, MODEL_FILE))  # not 0600, as written
     with naming(os.path.join(out, "tokenizer.json")):
       trained.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     write_json("tokenizer_config.json", _tokenizer_config(trained.context, end_id is not None))

@@ -76,12 +76,20 @@ def corpus_text(config, words: int = 16) -> str:
 
 
 # ------------------------------------------------------------------------------- without transformers
+def current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def test_export_round_trips_through_the_gpt2_directory(run, tmp_path):
   out = tmp_path / "hf"
   out.mkdir()  # an empty directory is fine
   export_lib.export(run.workdir, str(out))
   assert sorted(os.listdir(out)) == HF_FILES
   assert os.listdir(tmp_path) == ["hf"]  # no temporary folder left
+  modes = {name: os.stat(out / name).st_mode & 0o777 for name in HF_FILES}
+  assert set(modes.values()) == {0o666 & ~current_umask()}, modes  # readable by others, like any file written
 
   trained = workdir_lib.load(run.workdir, "best", device="cpu")
   m, vocab = run.model, trained.params["tok_emb"].shape[0]
