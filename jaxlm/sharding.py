@@ -129,12 +129,6 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
     raise UserError(f"could not join the run's processes ({str(e).strip().splitlines()[0][:300]}): check that "
                     f"every process got the same --coordinator_address (host:port of process 0, reachable "
                     f"from all) and --num_processes, and its own --process_id") from None
-  # Orbax's barriers are device collectives unless told to use JAX's coordination service. One run
-  # from its background save thread can interleave with a training step's collectives in another
-  # order on each process, and both wait forever (seen on CPUs: a two-process run hung at a save).
-  from absl import flags
-  from orbax.checkpoint import multihost  # noqa: F401  (defines the flag)
-  flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
 
 
 def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
