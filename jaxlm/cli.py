@@ -38,7 +38,7 @@ def interrupt_after():
   is also read from the wakeup pipe its C-level handler writes to)."""
   received = []
   previous = signal.getsignal(signal.SIGINT)
-  if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+  if threading.current_thread() is not threading.main_thread():
     yield lambda: False
     return
   read_end, write_end = os.pipe()
