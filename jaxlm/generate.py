@@ -27,6 +27,7 @@ from jaxlm.data import END_OF_TEXT
 
 MAX_NEW_TOKENS = 2**30  # positions are int32
 
+
 class GenerateError(UserError):
   """Bad input to generation; the message says what to fix."""
 
