@@ -21,14 +21,14 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxlm import cli
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm.cli import UserError
 from jaxlm.data import END_OF_TEXT
 
 MAX_NEW_TOKENS = 2**30  # positions are int32
 
 
-class GenerateError(UserError):
+class GenerateError(cli.UserError):
   """Bad input to generation; the message says what to fix."""
 
 
@@ -275,8 +275,9 @@ def main(argv) -> None:
   prompts = _read_prompts(FLAGS)
   if FLAGS.num_samples < 1:
     raise GenerateError(f"--num_samples={FLAGS.num_samples} must be >= 1")
-  if FLAGS.seed is not None and not 0 <= FLAGS.seed < 2**31:
-    raise GenerateError(f"--seed={FLAGS.seed} must be in [0, 2**31)")
+  seed_ok = True if FLAGS.seed is None else config_lib.SCHEMA["sample.seed"][1](FLAGS.seed)  # sample.seed's check
+  if seed_ok is not True:
+    raise GenerateError(f"--seed={FLAGS.seed} {seed_ok}")
   pick = lambda flag, default: default if flag is None else flag  # noqa: E731
   check_settings(pick(FLAGS.temperature, 1.0), pick(FLAGS.top_k, 0), pick(FLAGS.top_p, 1.0), FLAGS.max_new_tokens)
   trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)

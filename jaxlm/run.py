@@ -593,7 +593,7 @@ class _Run:
           f"resume from `last`, or add --fresh to start over.")
     self.loop.train_loss_sum += math.fsum(losses)
     self.loop.train_steps += len(losses)
-    self.loop.interval += [[float(m["loss"]), float(m["grad_norm"])] for m in host]
+    self.loop.interval += [[loss, float(m["grad_norm"])] for loss, m in zip(losses, host)]
     if not (step % t.log_every_steps == 0 or step == end):
       return
     loss, grad_norm = np.mean(self.loop.interval, axis=0)
