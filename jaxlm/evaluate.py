@@ -25,7 +25,7 @@ import numpy as np
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding as sharding_lib
-from jaxlm.cli import UserError
+from jaxlm.cli import UsageError, UserError
 
 
 # What `evaluate` measures, the figures a run logs for validation and test.
@@ -179,12 +179,14 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   del argv
   if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
-    raise EvaluateError(f"--batch_size={FLAGS.batch_size} must be >= 1")
+    raise UsageError(f"--batch_size={FLAGS.batch_size} must be >= 1")
   trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
   config = trained.config
   context = config.data.seq_length if FLAGS.context is None else FLAGS.context
   if not 2 <= context <= trained.context:
-    raise EvaluateError(f"--context={context} must be between 2 and the model's {trained.context} positions")
+    raise UsageError(f"--context={context} must be between 2 and the model's {trained.context} positions")
+  if FLAGS.stride is not None and not 1 <= FLAGS.stride <= context - 1:  # before the text is read
+    raise UsageError(f"--stride={FLAGS.stride} must be between 1 and the context - 1 = {context - 1}")
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
   if config.data.data_dir and not os.path.isdir(config.data.data_dir):  # e.g. the run's relative path

@@ -34,13 +34,13 @@ class GenerateError(cli.UserError):
 
 def check_settings(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
   if not 0 <= temperature < math.inf:
-    raise GenerateError(f"temperature = {temperature} must be >= 0 and finite (0 is greedy)")
+    raise GenerateError(f"temperature={temperature} must be >= 0 and finite (0 is greedy)")
   if not 0 < top_p <= 1:
-    raise GenerateError(f"top_p = {top_p} must be in (0, 1] (1 turns it off)")
+    raise GenerateError(f"top_p={top_p} must be in (0, 1] (1 turns it off)")
   if top_k < 0:
-    raise GenerateError(f"top_k = {top_k} must be >= 0 (0 turns it off)")
+    raise GenerateError(f"top_k={top_k} must be >= 0 (0 turns it off)")
   if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
-    raise GenerateError(f"max_new_tokens = {max_new_tokens} must be in [0, {MAX_NEW_TOKENS:,}]")
+    raise GenerateError(f"max_new_tokens={max_new_tokens} must be in [0, {MAX_NEW_TOKENS:,}]")
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -189,7 +189,7 @@ def completions(tokens_BT: np.ndarray, lengths_B: np.ndarray, prompt_lengths: li
 
 def check_prompt(text: str) -> None:
   if not text.strip():
-    raise GenerateError("the prompt is empty: give some text with --prompt (or --prompt_file)")
+    raise cli.UsageError("the prompt is empty: give some text with --prompt (or --prompt_file)")
 
 
 def encode_prompt(tokenizer, text: str, context: int, warn: Callable[[str], None] = print) -> list[int]:
@@ -261,7 +261,7 @@ def _read_prompts(FLAGS) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
       raise GenerateError(f"cannot read --prompt_file={FLAGS.prompt_file}: {e}") from None
   if not prompts:
-    raise GenerateError("no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE")
+    raise cli.UsageError("no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE")
   for p in prompts:
     check_prompt(p)
   return prompts
@@ -274,12 +274,15 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   prompts = _read_prompts(FLAGS)
   if FLAGS.num_samples < 1:
-    raise GenerateError(f"--num_samples={FLAGS.num_samples} must be >= 1")
+    raise cli.UsageError(f"--num_samples={FLAGS.num_samples} must be >= 1")
   seed_ok = True if FLAGS.seed is None else config_lib.SCHEMA["sample.seed"][1](FLAGS.seed)  # sample.seed's check
   if seed_ok is not True:
-    raise GenerateError(f"--seed={FLAGS.seed} {seed_ok}")
+    raise cli.UsageError(f"--seed={FLAGS.seed} {seed_ok}")
   pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-  check_settings(pick(FLAGS.temperature, 1.0), pick(FLAGS.top_k, 0), pick(FLAGS.top_p, 1.0), FLAGS.max_new_tokens)
+  try:
+    check_settings(pick(FLAGS.temperature, 1.0), pick(FLAGS.top_k, 0), pick(FLAGS.top_p, 1.0), FLAGS.max_new_tokens)
+  except GenerateError as e:  # a flag's value: a usage error, named as the flag
+    raise cli.UsageError(f"--{e}") from None
   trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
   s = trained.config.sample  # the run's sampling settings are the defaults
   settings = dict(temperature=pick(FLAGS.temperature, s.temperature), top_k=pick(FLAGS.top_k, s.top_k),

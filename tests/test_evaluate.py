@@ -222,8 +222,8 @@ def test_evaluate_command_errors_are_one_line(tiny_config, tmp_path):
   tiny_config.training.epochs = 1
   run_lib.train_and_evaluate(tiny_config)
   bad_stride = run_evaluate(f"--workdir={tiny_config.workdir}", "--stride=32", cwd=tmp_path)
-  assert bad_stride.returncode == 1
-  assert bad_stride.stderr.strip().splitlines()[-1] == "error: stride = 32 must be between 1 and the context - 1 = 31"
+  assert bad_stride.returncode == 2
+  assert bad_stride.stderr.strip().splitlines() == ["error: --stride=32 must be between 1 and the context - 1 = 31"]
   no_text = run_evaluate(f"--workdir={tiny_config.workdir}", f"--data_dir={tmp_path / 'gone'}", cwd=tmp_path)
   assert no_text.returncode == 1 and no_text.stderr.strip().splitlines() == [
       f"error: the folder '{tmp_path / 'gone'}' is not there (from {tmp_path}): pass --data_dir=FOLDER holding the "
@@ -233,7 +233,7 @@ def test_evaluate_command_errors_are_one_line(tiny_config, tmp_path):
   assert not_folder.returncode == 1 and not_folder.stderr.strip().splitlines() == [
       f"error: the folder '{a_file}' is a file, not a folder: pass --data_dir=FOLDER holding the test split's text"]
   bad_batch = run_evaluate(f"--workdir={tiny_config.workdir}", "--batch_size=0", cwd=tmp_path)
-  assert bad_batch.returncode == 1 and bad_batch.stderr.strip().splitlines() == ["error: --batch_size=0 must be >= 1"]
+  assert bad_batch.returncode == 2 and bad_batch.stderr.strip().splitlines() == ["error: --batch_size=0 must be >= 1"]
   no_flag = run_evaluate(cwd=tmp_path)
   assert no_flag.returncode == 2 and no_flag.stderr.startswith("error: ")
   os.rename(os.path.join(tiny_config.workdir, "checkpoints"), str(tmp_path / "elsewhere"))

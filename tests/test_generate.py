@@ -193,11 +193,11 @@ def test_a_prompt_longer_than_the_context_is_refused_by_the_sampler():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(temperature=-0.5), "temperature = -0.5 must be >= 0"),
-    (dict(temperature=float("nan")), "temperature = nan must be >= 0 and finite"),
-    (dict(top_p=0.0), "top_p = 0.0 must be in (0, 1]"),
-    (dict(top_p=1.5), "top_p = 1.5 must be in (0, 1]"),
-    (dict(top_k=-1), "top_k = -1 must be >= 0")])
+    (dict(temperature=-0.5), "temperature=-0.5 must be >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan must be >= 0 and finite"),
+    (dict(top_p=0.0), "top_p=0.0 must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p=1.5 must be in (0, 1]"),
+    (dict(top_k=-1), "top_k=-1 must be >= 0")])
 def test_bad_settings_are_errors(bad, message):
   model, _ = small_model()
   with pytest.raises(generate_lib.GenerateError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -262,11 +262,11 @@ def test_generate_command_works_from_the_workdir_alone(tiny_config, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--prompt=  "], "error: the prompt is empty: give some text with --prompt (or --prompt_file)"),
     ([], "error: no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE"),
-    (["--prompt=a", "--temperature=-1"], "error: temperature = -1.0 must be >= 0 and finite (0 is greedy)"),
-    (["--prompt=a", "--max_new_tokens=3000000000"], "error: max_new_tokens = 3000000000 must be in [0, 1,073,741,824]"),
+    (["--prompt=a", "--temperature=-1"], "error: --temperature=-1.0 must be >= 0 and finite (0 is greedy)"),
+    (["--prompt=a", "--max_new_tokens=3000000000"], "error: --max_new_tokens=3000000000 must be in [0, 1,073,741,824]"),
     (["--prompt=a", "--seed=3000000000"], "error: --seed=3000000000 must be in [0, 2**31)"),
-    (["--prompt=a", "--top_p=0"], "error: top_p = 0.0 must be in (0, 1] (1 turns it off)"),
-    (["--prompt=a", "--top_p=2"], "error: top_p = 2.0 must be in (0, 1] (1 turns it off)"),
+    (["--prompt=a", "--top_p=0"], "error: --top_p=0.0 must be in (0, 1] (1 turns it off)"),
+    (["--prompt=a", "--top_p=2"], "error: --top_p=2.0 must be in (0, 1] (1 turns it off)"),
     (["--prompt=a", "--num_samples=0"], "error: --num_samples=0 must be >= 1"),
 ])
 def test_generate_command_bad_input_is_one_error_line(tiny_config, tmp_path, args, message):
@@ -275,7 +275,7 @@ def test_generate_command_bad_input_is_one_error_line(tiny_config, tmp_path, arg
   with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
     f.write("{}")  # never read: the input is checked first
   done = run_generate(f"--workdir={workdir}", *args, cwd=tmp_path)
-  assert done.returncode == 1 and done.stderr.strip().splitlines() == [message], done.stderr
+  assert done.returncode == 2 and done.stderr.strip().splitlines() == [message], done.stderr
 
 
 def test_generate_command_without_a_run_is_one_error_line(tmp_path):
