@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
@@ -186,7 +185,7 @@ def _same_on_every_process(value: str, what: str) -> None:
   if jax.process_count() == 1:
     return
   digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
-  digests = multihost_utils.process_allgather(digest)  # [processes, 32]
+  digests = sharding_lib.gather_from_processes(digest)  # [processes, 32]
   others = [i for i, d in enumerate(digests) if (d != digests[0]).any()]
   if others:
     raise UserError(f"the processes have different {what}: process(es) {', '.join(map(str, others))} differ from "
@@ -205,7 +204,7 @@ def _primary_first(fn: Callable[[], Any], what: str) -> Any:
       result = fn()
     except BaseException as e:  # a Ctrl-C too: re-raised below, once the others know
       error = e
-  failed = multihost_utils.process_allgather(np.int32(error is not None)).max()  # everyone waits here
+  failed = sharding_lib.gather_from_processes(np.int32(error is not None)).max()  # everyone waits here
   if error is not None:
     raise error
   if failed:
@@ -538,12 +537,12 @@ class _Run:
   def agreed(self, late: bool = False) -> tuple[int | None, bool]:
     """(the stop signal received, whether a minute-based save is `late`) as every process sees them:
     what any of them saw. Several processes call this at the same points (log boundaries, epoch
-    ends, every few evaluation batches): it is a collective there. One process: as it sees them."""
+    ends, every few evaluation batches): a round of `gather_from_processes`. One process: as it sees them."""
     signum = self.stop.signum
     if jax.process_count() == 1:
       return signum, late
     error = next((w.error for w in (self.jsonl, self.tb) if isinstance(w, _FailLater) and w.error), None)
-    seen = multihost_utils.process_allgather(np.array([signum or 0, late, error is not None], np.int32)).max(axis=0)
+    seen = sharding_lib.gather_from_processes(np.array([signum or 0, late, error is not None], np.int32)).max(axis=0)
     if error is not None:
       raise error
     if seen[2]:

@@ -13,6 +13,9 @@ Devices are laid out process by process (`jax.devices()` order), `fsdp` the fast
 with fsdp no larger than a host's devices, the weight gathers stay inside a host and only the
 gradients of the `data` axis cross hosts.
 """
+import itertools
+import json
+
 import jax
 import ml_collections
 import numpy as np
@@ -129,6 +132,44 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
     raise UserError(f"could not join the run's processes ({str(e).strip().splitlines()[0][:300]}): check that "
                     f"every process got the same --coordinator_address (host:port of process 0, reachable "
                     f"from all) and --num_processes, and its own --process_id") from None
+  # Orbax's barriers are device collectives unless told to use the coordination service, as jaxlm's
+  # own agreements do (`gather_from_processes`): one from its background save thread could run
+  # beside a train step's collectives in another order on each process.
+  from absl import flags
+  from orbax.checkpoint import multihost  # noqa: F401  (defines the flag)
+  flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
+
+
+# Numbers the rounds of `gather_from_processes`: every process counts the same rounds in the same
+# order (one per call), so round n's keys in the coordination service meet across processes.
+_ROUNDS = itertools.count()
+
+
+def gather_from_processes(values) -> np.ndarray:
+  """[processes, ...] of every process's `values` (a few small integers), in process order, once all
+  of them have called this. It goes through JAX's coordination service (its key-value store), not
+  a device collective: the host does not wait for the device's queue, and no collective program of
+  ours interleaves with the train step's on XLA:CPU's gloo collectives, where (2 devices per
+  process) 5 of 5 two-process runs agreeing through `process_allgather` hung."""
+  client = jax._src.distributed.global_state.client  # no public accessor in JAX; orbax reads the same
+  values = np.asarray(values)
+  n, me = next(_ROUNDS), jax.process_index()
+  client.key_value_set(f"jaxlm/round/{n}/{me}", json.dumps(values.tolist()))
+  got = [json.loads(_wait_for_key(client, f"jaxlm/round/{n}/{p}")) for p in range(jax.process_count())]
+  if n:  # every process has set round n's key, so has read all of round n-1's
+    client.key_value_delete(f"jaxlm/round/{n - 1}/{me}")
+  return np.array(got, values.dtype)
+
+
+def _wait_for_key(client, key: str) -> str:
+  """The key's value once another process sets it, however long that takes (process 0 may spend
+  minutes preparing the data); a process that dies ends the run through the coordination service."""
+  while True:
+    try:
+      return client.blocking_key_value_get(key, 60_000)
+    except jax.errors.JaxRuntimeError as e:
+      if "DEADLINE_EXCEEDED" not in str(e):
+        raise
 
 
 def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
