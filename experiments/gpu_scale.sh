@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|comm2|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -106,8 +106,15 @@ for section in "$@"; do
     grep -iE "symmetric|window|NCCL version" /tmp/run.log | sort | uniq -c | head -20 | tee -a $OUT/log.txt
     run XLA_FLAGS="--xla_gpu_enable_nccl_user_buffers=true" $dp
     run XLA_FLAGS="$sym --xla_gpu_enable_nccl_user_buffers=true" $dp
+    run CUDA_VISIBLE_DEVICES=0 $one ;;
+  comm2)  # the rest of `comm` (one call of the device tool runs at most 10 minutes)
+    one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
+    sym="--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"
+    run CUDA_VISIBLE_DEVICES=0 $one
+    run $dp
     run CUDA_DEVICE_MAX_CONNECTIONS=1 $dp
     run NCCL_PROTO=Simple XLA_FLAGS="$sym" $dp
+    run $dp --config.mesh.fsdp=2
     run XLA_FLAGS="$sym" $dp --config.mesh.fsdp=2
     run CUDA_VISIBLE_DEVICES=0 $one ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
