@@ -68,6 +68,18 @@ def interrupt_after():
 
 
 @contextlib.contextmanager
+def flag_values(prefix: str = "--"):
+  """A UserError raised inside, by a check that library callers share, is about a flag's value here:
+  a usage error (status 2), its message (e.g. "top_p=2.0 must be ...") prefixed as the flag."""
+  try:
+    yield
+  except UsageError:
+    raise
+  except UserError as e:
+    raise UsageError(f"{prefix}{e}") from None
+
+
+@contextlib.contextmanager
 def naming(path: str):
   """An OSError raised inside names `path` (a failed write() alone names no file), so that the
   one-line error says which file could not be written. The tokenizers library's I/O errors, plain

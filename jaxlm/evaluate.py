@@ -25,7 +25,7 @@ import numpy as np
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding as sharding_lib
-from jaxlm.cli import UsageError, UserError
+from jaxlm.cli import UsageError, UserError, flag_values
 
 
 # What `evaluate` measures, the figures a run logs for validation and test.
@@ -42,10 +42,14 @@ def describe_mode(context: int, stride: int) -> str:
   return f"sliding window of {context} tokens, stride {stride}"
 
 
+def check_stride(stride: int, context: int) -> None:
+  if not 1 <= stride <= context - 1:
+    raise EvaluateError(f"stride={stride} must be between 1 and the context - 1 = {context - 1}")
+
+
 def _starts(n: int, context: int, stride: int) -> np.ndarray:
   """Where the windows over n tokens start: the last is the first >= n - context."""
-  if not 1 <= stride <= context - 1:
-    raise EvaluateError(f"stride = {stride} must be between 1 and the context - 1 = {context - 1}")
+  check_stride(stride, context)
   if n < 2:
     raise EvaluateError(f"the split has {n} token(s): nothing to predict")
   return np.arange(0, max(n - context, 0) + stride, stride)
@@ -185,8 +189,9 @@ def main(argv) -> None:
   context = config.data.seq_length if FLAGS.context is None else FLAGS.context
   if not 2 <= context <= trained.context:
     raise UsageError(f"--context={context} must be between 2 and the model's {trained.context} positions")
-  if FLAGS.stride is not None and not 1 <= FLAGS.stride <= context - 1:  # before the text is read
-    raise UsageError(f"--stride={FLAGS.stride} must be between 1 and the context - 1 = {context - 1}")
+  if FLAGS.stride is not None:  # before the text is read
+    with flag_values():
+      check_stride(FLAGS.stride, context)
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
   if config.data.data_dir and not os.path.isdir(config.data.data_dir):  # e.g. the run's relative path

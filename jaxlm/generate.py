@@ -189,7 +189,7 @@ def completions(tokens_BT: np.ndarray, lengths_B: np.ndarray, prompt_lengths: li
 
 def check_prompt(text: str) -> None:
   if not text.strip():
-    raise cli.UsageError("the prompt is empty: give some text with --prompt (or --prompt_file)")
+    raise GenerateError("the prompt is empty: give some text with --prompt (or --prompt_file)")
 
 
 def encode_prompt(tokenizer, text: str, context: int, warn: Callable[[str], None] = print) -> list[int]:
@@ -262,8 +262,9 @@ def _read_prompts(FLAGS) -> list[str]:
       raise GenerateError(f"cannot read --prompt_file={FLAGS.prompt_file}: {e}") from None
   if not prompts:
     raise cli.UsageError("no prompt: give --prompt=TEXT (repeatable) or --prompt_file=FILE")
-  for p in prompts:
-    check_prompt(p)
+  with cli.flag_values(prefix=""):
+    for p in prompts:
+      check_prompt(p)
   return prompts
 
 
@@ -279,10 +280,8 @@ def main(argv) -> None:
   if seed_ok is not True:
     raise cli.UsageError(f"--seed={FLAGS.seed} {seed_ok}")
   pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-  try:
+  with cli.flag_values():
     check_settings(pick(FLAGS.temperature, 1.0), pick(FLAGS.top_k, 0), pick(FLAGS.top_p, 1.0), FLAGS.max_new_tokens)
-  except GenerateError as e:  # a flag's value: a usage error, named as the flag
-    raise cli.UsageError(f"--{e}") from None
   trained = workdir.load(FLAGS.workdir, FLAGS.checkpoint, FLAGS.device)
   s = trained.config.sample  # the run's sampling settings are the defaults
   settings = dict(temperature=pick(FLAGS.temperature, s.temperature), top_k=pick(FLAGS.top_k, s.top_k),

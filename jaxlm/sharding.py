@@ -149,8 +149,9 @@ def gather_from_processes(values) -> np.ndarray:
   """[processes, ...] of every process's `values` (a few small integers), in process order, once all
   of them have called this. It goes through JAX's coordination service (its key-value store), not
   a device collective: the host does not wait for the device's queue, and no collective program of
-  ours interleaves with the train step's on XLA:CPU's gloo collectives, where (2 devices per
-  process) 5 of 5 two-process runs agreeing through `process_allgather` hung."""
+  ours runs beside the train step's (suspected, not shown, in the two-process CPU runs with 2
+  devices each that hung 5 of 5 times one day, agreeing through `process_allgather`, and 0 of 4 the
+  next)."""
   client = jax._src.distributed.global_state.client  # no public accessor in JAX; orbax reads the same
   values = np.asarray(values)
   n, me = next(_ROUNDS), jax.process_index()
