@@ -74,9 +74,10 @@ def reference_nats(model, params, tokens, context, stride):
   """Sum of -log p over every token but the first, window by window, with no batching."""
   total, done = 0.0, 1  # tokens scored so far: [1, done)
   start = 0
+  log_probs = jax.jit(lambda p, window: jax.nn.log_softmax(model.apply({"params": p}, window)[0], -1))
   while done < len(tokens):
     window = tokens[start:start + context]
-    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(window[None], jnp.int32))[0], -1)
+    logp = log_probs(params, jnp.asarray(window[None], jnp.int32))
     for j in range(len(window) - 1):
       if start + j + 1 >= done:
         total += -float(logp[j, window[j + 1]])

@@ -62,11 +62,14 @@ def check_kv_cache_decoding(overrides):
 
 
 def greedy_by_recomputing(model, params, prompt, n):
-  """nanoGPT's loop: the whole (cropped) sequence through the model for every new token."""
-  seq = list(prompt)
+  """nanoGPT's loop: the whole (cropped) sequence through the model for every new token. (Each
+  window padded to the context: one compiled shape, and causal attention leaves its logits alone.)"""
+  seq, context = list(prompt), model.max_seq_length
+  logits = jax.jit(model.apply)
   for _ in range(n):
-    window = jnp.asarray([seq[-model.max_seq_length:]], jnp.int32)
-    seq.append(int(jnp.argmax(model.apply({"params": params}, window)[0, -1])))
+    window = seq[-context:]
+    padded = jnp.asarray([window + [0] * (context - len(window))], jnp.int32)
+    seq.append(int(jnp.argmax(logits({"params": params}, padded)[0, len(window) - 1])))
   return seq[len(prompt):]
 
 
