@@ -679,6 +679,12 @@ class _Run:
 
   def test(self) -> dict:
     """Evaluates `best` on the test split; the run's summary, also in test_metrics.json."""
+    if not self.checkpoints.exists("best"):  # saved at the first validation: since moved or deleted
+      raise checkpoint_lib.CheckpointError(
+          f"the run is trained ({self.loop.epoch} epoch(s), best epoch {self.loop.best_epoch}) but "
+          f"{self.checkpoints.directory}/best, which the test measures, is missing (moved or deleted?). Put it "
+          f"back and re-run the same command, or measure `last`: python -m jaxlm.evaluate "
+          f"--workdir={self.workdir} --checkpoint=last")
     best_state, _ = self.checkpoints.restore("best", self.state)
     test = self.evaluate("test", best_state.model_params)
     if test is None:

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
+from jaxlm import workdir as workdir_lib
 
 from conftest import load_config, subprocess_env
 from test_sharding import devices_env
@@ -212,6 +214,31 @@ def test_evaluate_command_measures_a_checkpoint_from_the_workdir_alone(tiny_conf
   assert sliding.returncode == 0, sliding.stderr
   line = sliding.stdout.strip()
   assert line.startswith("validation (sliding window of 32 tokens, stride 8): loss ") and "word ppl" in line
+
+
+def test_a_finished_run_whose_best_was_moved_says_how_to_go_on(tiny_config, tmp_path):
+  """The run's test, and the commands that read `best`, name the missing checkpoint and what to do;
+  the command they suggest works, and putting `best` back tests as before."""
+  tiny_config.training.epochs = 1
+  summary = run_lib.train_and_evaluate(tiny_config)
+  workdir, checkpoints = tiny_config.workdir, os.path.join(tiny_config.workdir, "checkpoints")
+  os.rename(os.path.join(checkpoints, "best"), tmp_path / "best_aside")
+  with pytest.raises(checkpoint_lib.CheckpointError) as error:
+    run_lib.train_and_evaluate(tiny_config)
+  command = f"python -m jaxlm.evaluate --workdir={workdir} --checkpoint=last"
+  assert str(error.value) == (
+      f"the run is trained (1 epoch(s), best epoch 1) but {checkpoints}/best, which the test measures, is missing "
+      f"(moved or deleted?). Put it back and re-run the same command, or measure `last`: {command}")
+  with pytest.raises(workdir_lib.WorkdirError) as error:
+    workdir_lib.load(workdir)
+  assert str(error.value) == (
+      f"{workdir} has no `best` checkpoint (a run saves `best` after its first validation; was it moved or "
+      f"deleted?); its `last` holds step 20: pass --checkpoint=last to use that one")
+  last = run_evaluate(*command.split()[3:], "--json", cwd=tmp_path)
+  assert last.returncode == 0, last.stderr
+  assert json.loads(last.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+  os.rename(tmp_path / "best_aside", os.path.join(checkpoints, "best"))
+  assert run_lib.train_and_evaluate(tiny_config) == summary
 
 
 def test_evaluate_command_errors_are_one_line(tiny_config, tmp_path):
