@@ -2,7 +2,8 @@
 
 A failure the user can fix ends in one line, `error: ...`, naming the thing to fix: exit status 2
 for the command line itself (a bad flag, a mistyped config key, a config file that cannot be
-loaded), 1 for everything else (a `UserError`, or an operating-system error such as a full disk).
+loaded), 1 for everything else (a `UserError`, an operating-system error such as a full disk, or
+the device running out of memory).
 `--verbose` shows the traceback and the libraries' logs instead. A bug is still a traceback.
 """
 import contextlib
@@ -154,6 +155,13 @@ def _without_closed_loop_noise(unraisablehook):
   return hook
 
 
+def _out_of_memory(e: Exception) -> bool:
+  """XLA's out-of-memory error (at compile time or when allocating), as JAX raises it."""
+  jax = sys.modules.get("jax")  # not imported here: a command that never loaded JAX did not fail so
+  return jax is not None and isinstance(e, jax.errors.JaxRuntimeError) and str(e).lstrip().startswith(
+      "RESOURCE_EXHAUSTED")
+
+
 def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
   verbose = _VERBOSE.value
   if not verbose and not flags.FLAGS["verbosity"].present:
@@ -179,6 +187,16 @@ def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
       raise
     where = f": {e.filename}" if e.filename else ""
     raise SystemExit(f"error: {e.strerror}{where}") from None
+  except Exception as e:
+    if verbose or not _out_of_memory(e):
+      raise  # a bug: its traceback
+    lines = str(e).strip().splitlines()  # XLA's autotuner puts the allocation that failed further down
+    xla = next((line for line in lines if "Out of memory" in line), lines[0])[:300].rstrip(".")
+    raise SystemExit(f"error: the device ran out of memory ({xla}). Make the work smaller: a smaller batch "
+                     f"(--config.training.batch_size, --config.training.eval_batch_size, "
+                     f"or the command's --batch_size), shorter sequences or a smaller model; or spread it over more "
+                     f"devices (--config.mesh.fsdp shards the parameters and optimizer state). What was saved "
+                     f"before is intact.") from None
   except KeyboardInterrupt:  # a Ctrl-C before the command could stop cleanly, or a second one
     if verbose:
       raise

@@ -15,6 +15,7 @@ gradients of the `data` axis cross hosts.
 """
 import itertools
 import json
+import os
 
 import jax
 import ml_collections
@@ -171,6 +172,25 @@ def _wait_for_key(client, key: str) -> str:
     except jax.errors.JaxRuntimeError as e:
       if "DEADLINE_EXCEEDED" not in str(e):
         raise
+
+
+def check_fits(abstract_state, shardings, mesh: Mesh) -> None:
+  """ConfigError when the state laid out by `shardings` cannot fit in a device's memory (a GPU's
+  allocator limit; on a CPU, the machine's memory shared by its devices): said before XLA tries,
+  which on a CPU can wait forever on a program whose buffers it could not allocate."""
+  per_device = sum(int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+                   for leaf, sharding in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)))
+  device = mesh.devices.flat[0]
+  if device.platform == "cpu":  # the devices of a process share its machine's memory
+    have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    need, more = per_device * sum(d.process_index == jax.process_index() for d in mesh.devices.flat), ""
+  else:
+    have, what = (device.memory_stats() or {}).get("bytes_limit"), f"the memory of a {device.device_kind}"
+    need, more = per_device, ", or shard it over more devices with --config.mesh.fsdp"
+  if have and need > have:
+    raise config_lib.ConfigError(
+        f"the parameters and optimizer state alone take {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} "
+        f"GiB of {what}: make the model smaller (model.d_model, model.d_ff, model.num_layers, the vocabulary){more}")
 
 
 def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -113,7 +113,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Trans
     return state.replace(step=jnp.zeros((), jnp.int32))  # typed as train_step returns it: one compile
 
   key = jax.random.PRNGKey(config.training.seed)
-  shardings = sharding_lib.state_shardings(mesh, jax.eval_shape(init, key))
+  abstract = jax.eval_shape(init, key)
+  shardings = sharding_lib.state_shardings(mesh, abstract)
+  sharding_lib.check_fits(abstract, shardings, mesh)
   return jax.jit(init, out_shardings=shardings)(key), shardings
 
 

@@ -90,6 +90,8 @@ def cases(root, overrides):
        f"error: {bad / 'validation.txt'} is not UTF-8 text (byte 0xe9 at offset 6 cannot be decoded)"),
       ("binary file", main + [f"--config.data.data_dir={binary}", f"--config.workdir={root / 'other_3'}"], 1,
        f"error: {binary / 'test.txt'} is not text (a NUL byte at offset 8"),
+      ("state larger than memory", main + ["--config.model.d_ff=137438953472", f"--config.workdir={root / 'other_5'}"],
+       1, "error: the parameters and optimizer state alone take 199,680.0 GiB, more than the "),
       ("incompatible resume", at_run + ["--config.model.d_model=64"], 1,
        f"error: the checkpoint in {run} belongs to a run with other settings (model.d_model 32 -> 64)"),
       ("damaged checkpoint", main + [f"--config.workdir={damaged}"], 1,
@@ -124,6 +126,32 @@ def test_each_failure_is_one_error_line_and_changes_nothing(finished):
     list(pool.map(check, cases(root, overrides)))
   assert tree_digest(root / "run") == before  # no earlier checkpoint or metrics line changed
   assert not any(name.startswith("other") for name in os.listdir(root))  # failed before writing: no folder left
+
+
+def _refuses_huge_allocations() -> bool:
+  """Linux that refuses an allocation larger than memory and swap (overcommit modes 0 and 2), rather
+  than granting it and letting the OOM killer end the process later."""
+  try:
+    with open("/proc/sys/vm/overcommit_memory") as f:
+      return f.read().strip() in ("0", "2")
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not _refuses_huge_allocations(), reason="needs Linux refusing a 16 TB allocation")
+def test_running_out_of_device_memory_is_one_error_line():
+  """XLA's own out-of-memory error (a real one: 16 TB asked of the CPU), through the commands' error
+  handling: one line saying what to make smaller, status 1."""
+  program = ("import jax, jax.numpy as jnp\n"
+             "from jaxlm import cli\n"
+             "cli.run(lambda argv: jax.jit(lambda: jnp.ones((2 ** 42,)))().block_until_ready())\n")
+  done = subprocess.run([sys.executable, "-c", program], env=subprocess_env(), capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 1, done.stderr
+  (line,) = done.stderr.strip().splitlines()
+  assert line.startswith("error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
+                         "17592186044416 bytes). Make the work smaller: a smaller batch (--config.training.batch_size")
+  assert line.endswith("What was saved before is intact.")
 
 
 def test_verbose_shows_the_traceback(finished):
