@@ -185,7 +185,7 @@ def check_fits(abstract_state, shardings, mesh: Mesh) -> None:
     have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
     need, more = per_device * sum(d.process_index == jax.process_index() for d in mesh.devices.flat), ""
   else:
-    have, what = (device.memory_stats() or {}).get("bytes_limit"), f"the memory of a {device.device_kind}"
+    have, what = (device.memory_stats() or {}).get("bytes_limit"), f"the memory JAX may use on the {device.device_kind}"
     need, more = per_device, ", or shard it over more devices with --config.mesh.fsdp"
   if have and need > have:
     raise config_lib.ConfigError(
