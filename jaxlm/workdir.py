@@ -170,9 +170,9 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
     if not checkpoints.exists(checkpoint):
       other = next(name for name in checkpoint_lib.NAMES if name != checkpoint)
       if checkpoints.exists(other):  # best before the first validation, or either one moved or deleted
-        raise WorkdirError(f"{workdir} has no `{checkpoint}` checkpoint (a run saves `best` after its first "
-                           f"validation; was it moved or deleted?); its `{other}` holds step "
-                           f"{checkpoints.step(other):,}: pass --checkpoint={other} to use that one")
+        raise WorkdirError(f"{workdir} has no `{checkpoint}` checkpoint (not saved yet, or moved or deleted); "
+                           f"its `{other}` holds step {checkpoints.step(other):,}: pass --checkpoint={other} to "
+                           f"use that one")
       raise WorkdirError(f"{workdir} has no `{checkpoint}` checkpoint yet: train first (a run saves `last` "
                          f"during its first epoch and `best` after its first validation)")
     params, meta = checkpoints.restore_params(checkpoint)

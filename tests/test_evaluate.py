@@ -232,8 +232,8 @@ def test_a_finished_run_whose_best_was_moved_says_how_to_go_on(tiny_config, tmp_
   with pytest.raises(workdir_lib.WorkdirError) as error:
     workdir_lib.load(workdir)
   assert str(error.value) == (
-      f"{workdir} has no `best` checkpoint (a run saves `best` after its first validation; was it moved or "
-      f"deleted?); its `last` holds step 20: pass --checkpoint=last to use that one")
+      f"{workdir} has no `best` checkpoint (not saved yet, or moved or deleted); its `last` holds step 20: pass "
+      f"--checkpoint=last to use that one")
   last = run_evaluate(*command.split()[3:], "--json", cwd=tmp_path)
   assert last.returncode == 0, last.stderr
   assert json.loads(last.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
