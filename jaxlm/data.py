@@ -227,7 +227,7 @@ def encode(tokenizer, lines: list[str], dtype=np.int32) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ the cache
-def _cache_name(source: dict, tok_spec: dict) -> str:
+def cache_name(source: dict, tok_spec: dict) -> str:
   blob = json.dumps({"format": CACHE_FORMAT, "source": {k: v for k, v in source.items() if k != "dir"},
                      "tokenizer": tok_spec}, sort_keys=True)
   label = (f"{source['name']}-{source['config']}" if source["kind"] == "hub"
@@ -238,17 +238,24 @@ def _cache_name(source: dict, tok_spec: dict) -> str:
 
 
 def fingerprint(cache_name: str) -> str:
-  """What identifies a cache's tokens in its name (from _cache_name): the hash; the label before it
+  """What identifies a cache's tokens in its name (from cache_name): the hash; the label before it
   is the source folder's name, for people, which a moved or copied folder changes."""
   return cache_name.rsplit("-", 1)[-1]
 
 
-def load(config: ml_collections.ConfigDict, verbose: bool = False) -> Corpus:
-  """The tokenized corpus of `config.data`, prepared on first use, then verified and memory-mapped."""
+def spec(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """(source, tokenizer) specs of `config.data`: what its cache's name is made of."""
+  return source_spec(config), _tokenizer_spec(config)
+
+
+def load(config: ml_collections.ConfigDict, data_spec: tuple[dict, dict] | None = None,
+         verbose: bool = False) -> Corpus:
+  """The tokenized corpus of `config.data` (`data_spec`: its `spec`, when already computed), prepared
+  on first use, then verified and memory-mapped."""
   t0 = time.perf_counter()
   log = (lambda msg: print(f"data: {msg}", flush=True)) if verbose else (lambda msg: None)
-  source, tok_spec = source_spec(config), _tokenizer_spec(config)
-  path = os.path.join(config.data.processed_dir, _cache_name(source, tok_spec))
+  source, tok_spec = data_spec or spec(config)
+  path = os.path.join(config.data.processed_dir, cache_name(source, tok_spec))
   corpus = None
   if os.path.exists(path):
     corpus, problem = _open_cache(path)

@@ -82,7 +82,15 @@ _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.nu
                "training.decay_all_params")
 
 
-def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: str) -> None:
+def _resumable_meta(workdir: str) -> dict | None:
+  """The meta of the `last` checkpoint a run in `workdir` would resume from, or None; read without
+  writing anything, so that a run refused before its setup leaves the directory as it was."""
+  with checkpoint_lib.Checkpoints(workdir, writer=False) as checkpoints:
+    return checkpoints.restore_meta("last") if checkpoints.exists("last") else None
+
+
+def _check_resumable(config, meta: dict, data_name: str, where: str) -> None:
+  """CheckpointError unless `config` (on the corpus cached as `data_name`) can resume `meta`'s run."""
   old, new = config_lib.flatten(config_lib.upgrade(meta["config"])), config_lib.flatten(config)
   clash = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in _MUST_MATCH if old.get(k) != new[k]]
   if bool(old["training.ema_decay"]) != bool(new["training.ema_decay"]):  # the decay itself may change
@@ -95,7 +103,12 @@ def _check_resumable(config, meta: dict, data_name: str, num_steps: int, where: 
         f"the checkpoint in {where} belongs to a run with other settings ({'; '.join(clash)}). Resume "
         f"with the same settings, or start over with --fresh (the old run is kept aside) or another "
         f"--config.workdir.")
-  changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+
+
+def _report_changes(config, meta: dict, num_steps: int) -> None:
+  """Prints the settings a resumed run changes, and warns when its schedule's length changes."""
+  old = config_lib.flatten(config_lib.upgrade(meta["config"]))
+  changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config_lib.flatten(config).items()
              if old.get(k) != v and k not in config_lib.LOCATION_KEYS]
   if changed:
     print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
@@ -322,16 +335,25 @@ class _Setup:
     return self.config.training.epochs * self.steps_per_epoch
 
 
-def _setup(config: ml_collections.ConfigDict) -> _Setup:
+def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
+  """`resumed`: the meta of the checkpoint the run will resume from (None for a new run), whose
+  settings and corpus are checked before any data is prepared or any program compiled."""
   config_lib.use_compile_cache(config)
   # A device, a mesh, an attention kernel or cuBLAS matmuls that cannot work fail before the data is read.
   device = config_lib.select_device(config)
   config_lib.compute_dtype(config, device)
   config_lib.gpu_matmuls(config, device, 0.0)
   sharding_lib.make_mesh(config, config_lib.select_devices(config))
+
+  def prepare():
+    data_spec = data_lib.spec(config)  # hashes the corpus files: once
+    if resumed:  # a resume that cannot go on stops before any tokenizing or compiling
+      _check_resumable(config, resumed, data_lib.cache_name(*data_spec), config.workdir)
+    return data_lib.load(config, data_spec, verbose=True)
+
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
   # make the same one themselves).
-  corpus = _primary_first(lambda: data_lib.load(config, verbose=True), "preparing the data")
+  corpus = _primary_first(prepare, "preparing the data")
   if corpus is None:
     corpus = data_lib.load(config)
   _same_on_every_process(data_lib.fingerprint(os.path.basename(corpus.path)), "data (the tokenized corpus)")
@@ -381,9 +403,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
       stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
 
     _primary_first(claim, f"claiming the work directory {config.workdir}")
-    setup = _setup(config)
+    resumed = _resumable_meta(config.workdir)
+    setup = _setup(config, resumed)
     _print_setup(setup)
-    run = _Run(setup, stack)
+    run = _Run(setup, resumed, stack)
     run.train()
     return run.test()
 
@@ -392,10 +415,10 @@ class _Run:
   """One training run in its work directory: the epoch loop and its policy (logging, saving,
   sampling, stopping), over the state and steps above."""
 
-  def __init__(self, setup: _Setup, stack: contextlib.ExitStack):
+  def __init__(self, setup: _Setup, resumed: dict | None, stack: contextlib.ExitStack):
     self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
     self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
-    self.state, self.loop = self._resume()
+    self.state, self.loop = self._resume(resumed)
     self.tokenizer = setup.corpus.tokenizer()
     self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
     self.step = int(self.state.step)
@@ -427,10 +450,10 @@ class _Run:
     self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply, ts.mesh, ts.state_shardings.params)
     self.sampler, self.sample_prompt = self._make_sampler()
 
-  def _resume(self) -> tuple[train_lib.TrainState, LoopState]:
-    """(state, LoopState) from `last` when there is one, else the fresh ones."""
+  def _resume(self, resumed: dict | None) -> tuple[train_lib.TrainState, LoopState]:
+    """(state, LoopState) from `last` when the run resumes (`resumed`: its meta), else the fresh ones."""
     fresh = self.s.train.state
-    if not self.checkpoints.exists("last"):
+    if resumed is None:
       if self.config.model.init_from:
         from jaxlm import export
         params = export.load_gpt2_params(self.config.model.init_from, fresh.params)
@@ -438,8 +461,7 @@ class _Run:
         params = jax.device_put(params, self.s.train.state_shardings.params)
         return fresh.replace(params=params).restart_average(), LoopState()
       return fresh, LoopState()
-    meta = self.checkpoints.restore_meta("last")
-    _check_resumable(self.config, meta, self.s.data_name, self.s.num_steps, self.workdir)
+    _report_changes(self.config, resumed, self.s.num_steps)
     state, meta = self.checkpoints.restore("last", fresh)
     # (a checkpoint saved before a field was added has the field's default)
     loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState) if f.name in meta})

@@ -529,8 +529,8 @@ def test_a_run_resumes_on_its_corpus_moved_elsewhere_and_refuses_another_corpus(
   tiny_config.training.epochs = 1
   run_lib.train_and_evaluate(tiny_config)
   moved = tmp_path / "elsewhere" / "wikitext"
-  shutil.copytree(tiny_config.data.data_dir, moved)
-  tiny_config.data.data_dir = str(moved)
+  original, tiny_config.data.data_dir = tiny_config.data.data_dir, str(moved)
+  shutil.copytree(original, moved)
   tiny_config.training.epochs = 2
   capsys.readouterr()
   run_lib.train_and_evaluate(tiny_config)
@@ -539,9 +539,17 @@ def test_a_run_resumes_on_its_corpus_moved_elsewhere_and_refuses_another_corpus(
   assert len(read_metrics(tiny_config.workdir)) == 2
   write_corpus(moved, seed=1)  # other text in the same folder
   tiny_config.training.epochs = 3
+  caches = sorted(os.listdir(tiny_config.data.processed_dir))
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"data \(tokenized corpus\) wikitext-bpe\d+-\w+ -> "
                                                            r"wikitext-bpe\d+-\w+: other text or tokenizer\)"):
     run_lib.train_and_evaluate(tiny_config)
+  # Refused before its data was prepared: no tokenizer trained on the other text, no cache made.
+  assert sorted(os.listdir(tiny_config.data.processed_dir)) == caches
+  tiny_config.data.data_dir = original  # the run's own text, another tokenizer
+  tiny_config.data.tokenizer.vocab_size += 8
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"other text or tokenizer\)"):
+    run_lib.train_and_evaluate(tiny_config)
+  assert sorted(os.listdir(tiny_config.data.processed_dir)) == caches
 
 
 def test_cli_overrides_reach_the_run_and_inspect_reports_it(tiny_config, tmp_path):
