@@ -17,6 +17,10 @@ Variants (--variants, any of):
   xla_attention           model.attention=xla: jax.nn.dot_product_attention's XLA implementation (a
                           CPU's auto before 2026-12-01)
   blocked_attention       model.attention=blocked: model.causal_attention_by_blocks
+  embedding_grad_bf16     the token embedding's lookup gradient scatter-added into one table per batch
+                          shard ([shards, V, D], sharded like the batch), cast to bfloat16 and summed, so
+                          that several devices all-reduce it in bfloat16, not float32
+                          (experiments/embedding_grad_hlo.py; issue 10's 2-GPU data-parallel step)
 and combinations of them joined by "+" (dense_input_transposed+gelu_erfc: jaxlm on 2026-11-30).
 
   python experiments/bench_variants.py --config=configs/base.py --steps=20 --rounds=14 \
@@ -24,14 +28,18 @@ and combinations of them joined by "+" (dense_input_transposed+gelu_erfc: jaxlm 
 """
 import json
 import time
+import types
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import bench_step
 from jaxlm import model as model_lib
+from jaxlm import sharding as sharding_lib
 from jaxlm import train as train_lib
 
 
@@ -43,6 +51,31 @@ class ThreefryDropout(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     return nn.Dropout(self.rate, broadcast_dims=self.broadcast_dims)(x, deterministic=deterministic)
+
+
+def _per_shard_bf16_lookup():
+  """jnp.take for the model whose gradient for the [vocab, d] token table (the position table is
+  left alone) is reduced over the batch's shards in bfloat16 (embedding_grad_hlo.py's per_shard)."""
+
+  @jax.custom_vjp
+  def lookup(table_VD, tokens_BL):
+    return jnp.take(table_VD, tokens_BL, axis=0)
+
+  def backward(residuals, g_BLD):
+    tokens_BL, (V, D) = residuals
+    shards = jax.device_count()  # the batch is split over every device (mesh data x fsdp)
+    mesh = jax.make_mesh((shards, 1), sharding_lib.BATCH, (AxisType.Auto, AxisType.Auto))  # the run's, on its devices
+    batch = NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH))
+    tokens_SN, g_SND = tokens_BL.reshape(shards, -1), g_BLD.reshape(shards, -1, D).astype(jnp.float32)
+    parts_SVD = jax.vmap(lambda t, g: jnp.zeros((V, D), jnp.float32).at[t].add(g))(tokens_SN, g_SND)
+    parts_SVD = jax.lax.with_sharding_constraint(parts_SVD.astype(jnp.bfloat16), batch)
+    # lax.reduce, not jnp.sum: jnp.sum adds bfloat16 in float32, and the all-reduce with it
+    return jax.lax.reduce(parts_SVD, jnp.bfloat16(0), jax.lax.add, (0,)).astype(jnp.float32), None
+
+  lookup.defvjp(lambda table, tokens: (lookup(table, tokens), (tokens, table.shape)), backward)
+  take = lambda a, indices, axis=None, **kw: (  # noqa: E731
+      lookup(a, indices) if axis == 0 and a.shape[0] == bench_step._VOCAB.value else jnp.take(a, indices, axis, **kw))
+  return types.SimpleNamespace(**{**vars(jnp), "take": take})
 
 
 # name -> what it changes: model_lib attributes replaced while its model is built and traced, and
@@ -57,6 +90,7 @@ VARIANTS = {
         "cpu_dot_general": lambda x, w, *_, **__: model_lib._matmul_saving_transposed_input(x, w)},
     "dense_lax": {"cpu_dot_general": jax.lax.dot_general},
     "gelu_erfc": {"gelu": lambda x, approximate: nn.gelu(x, approximate=approximate)},
+    "embedding_grad_bf16": {"jnp": _per_shard_bf16_lookup()},
 }
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
 _VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(VARIANTS))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|comm2|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|comm2|embed|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -117,6 +117,16 @@ for section in "$@"; do
     run $dp --config.mesh.fsdp=2
     run XLA_FLAGS="$sym" $dp --config.mesh.fsdp=2
     run CUDA_VISIBLE_DEVICES=0 $one ;;
+  embed)  # the tied embedding's lookup gradient all-reduced in bfloat16, not float32 (bench_variants'
+          # embedding_grad_bf16, embedding_grad_hlo.py), timed against the model as it is, alternating
+    vary="python3 experiments/bench_variants.py ${bench#python3 experiments/bench_step.py} --steps=20 --rounds=4 --variants=now,embedding_grad_bf16"
+    run CUDA_VISIBLE_DEVICES=0 $vary --config.training.batch_size=16
+    run XLA_FLAGS="--xla_dump_to=/tmp/dump_embed" $vary --config.training.batch_size=32
+    for f in /tmp/dump_embed/*jit_train_steps*after_optimizations.txt; do  # each program's all-reduces
+      echo "$(basename $f):" | tee -a $OUT/log.txt
+      grep -E " all-reduce-start\(" $f | sed -E 's/ all-reduce-start\(.*//' | cut -c1-240 | tee -a $OUT/log.txt
+    done
+    run CUDA_VISIBLE_DEVICES=0 $vary --config.training.batch_size=16 ;;
   profile)  # where the 2-GPU data-parallel step's time goes (the all-reduce kernels' dtype and time)
     run $bench --config.training.batch_size=32 --repeats=1 --profile=/tmp/prof_dp ;;
   profile1)  # the same profile on one GPU, to set beside `profile` (which kernels grow on 2 GPUs)
