@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 10's measurements on a 2-GPU machine (device tool kind nvidia-h200-x2), one call:
-#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|comm2|embed|profile|profile1|small|scan|run ...   (in the order given)
+#   bash experiments/gpu_scale.sh bench|flags|overlap|channels|triton|hlo|verify|retime|retime2|comm|comm2|comm3|embed|profile|profile1|small|scan|run ...   (in the order given)
 # GPT-2-small's shape (d768, 12 layers, 12 heads, seq 1024, vocab 32768, bf16, cuDNN attention) at
 # batch 16 per GPU: one GPU, then two GPUs data parallel and fsdp, back to back. Expects the GPU
 # image's missing wheels in .whl/ and, for `run`, the corpus and cache gpu_speed.sh describes.
@@ -122,6 +122,19 @@ for section in "$@"; do
       | grep -m3 -i "CTA_POLICY" | tee -a $OUT/log.txt
     run NCCL_CTA_POLICY=1 $dp
     run NCCL_CTA_POLICY=2 XLA_FLAGS="$sym" $dp
+    run CUDA_VISIBLE_DEVICES=0 $one ;;
+  comm3)  # XLA's own collective switches in jax 0.11.2's plugin (results/2026-12-02_h200_nccl_xla_collective_flags.txt):
+          # its collective kernels instead of NCCL's, more streams, all-reduce as reduce-scatter + all-gather
+    one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
+    run CUDA_VISIBLE_DEVICES=0 $one
+    run $dp
+    for f in --xla_gpu_experimental_use_collective_kernels=true \
+             "--xla_gpu_allow_all_reduce_kernel=true --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" \
+             --xla_gpu_experimental_enable_collective_multi_streaming=true \
+             --xla_gpu_unsupported_enable_all_reduce_decomposer=true \
+             --xla_gpu_enable_all_reduce_splitter=true; do
+      run XLA_FLAGS="$f" $dp
+    done
     run CUDA_VISIBLE_DEVICES=0 $one ;;
   embed)  # the tied embedding's lookup gradient all-reduced in bfloat16, not float32 (bench_variants'
           # embedding_grad_bf16, embedding_grad_hlo.py), timed against the model as it is, alternating
