@@ -126,11 +126,12 @@ for section in "$@"; do
     one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
     run CUDA_VISIBLE_DEVICES=0 $one
     run $dp
-    for f in --xla_gpu_experimental_use_collective_kernels=true \
-             "--xla_gpu_allow_all_reduce_kernel=true --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" \
+    # (each parsed by XLA on one H200; --xla_gpu_enable_all_reduce_splitter and
+    # --xla_gpu_allow_all_reduce_kernel are not flags of this XLA, only names in its library)
+    for f in --xla_gpu_experimental_use_collective_kernels=all_reduce \
+             --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
              --xla_gpu_experimental_enable_collective_multi_streaming=true \
-             --xla_gpu_unsupported_enable_all_reduce_decomposer=true \
-             --xla_gpu_enable_all_reduce_splitter=true; do
+             --xla_gpu_unsupported_enable_all_reduce_decomposer=true; do
       run XLA_FLAGS="$f" $dp
     done
     run CUDA_VISIBLE_DEVICES=0 $one ;;
