@@ -53,26 +53,37 @@ class ThreefryDropout(nn.Module):
     return nn.Dropout(self.rate, broadcast_dims=self.broadcast_dims)(x, deterministic=deterministic)
 
 
-def _per_shard_bf16_lookup():
-  """jnp.take for the model whose gradient for the [vocab, d] token table (the position table is
-  left alone) is reduced over the batch's shards in bfloat16 (embedding_grad_hlo.py's per_shard)."""
+def lookup_with_grad(backward):
+  """jnp.take(table_VD, tokens_BL, axis=0) whose table gradient is backward(tokens_BL, g_BLD, (V, D))."""
 
   @jax.custom_vjp
   def lookup(table_VD, tokens_BL):
     return jnp.take(table_VD, tokens_BL, axis=0)
 
-  def backward(residuals, g_BLD):
-    tokens_BL, (V, D) = residuals
-    shards = jax.device_count()  # the batch is split over every device (mesh data x fsdp)
-    mesh = jax.make_mesh((shards, 1), sharding_lib.BATCH, (AxisType.Auto, AxisType.Auto))  # the run's, on its devices
-    batch = NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH))
-    tokens_SN, g_SND = tokens_BL.reshape(shards, -1), g_BLD.reshape(shards, -1, D).astype(jnp.float32)
-    parts_SVD = jax.vmap(lambda t, g: jnp.zeros((V, D), jnp.float32).at[t].add(g))(tokens_SN, g_SND)
-    parts_SVD = jax.lax.with_sharding_constraint(parts_SVD.astype(jnp.bfloat16), batch)
-    # lax.reduce, not jnp.sum: jnp.sum adds bfloat16 in float32, and the all-reduce with it
-    return jax.lax.reduce(parts_SVD, jnp.bfloat16(0), jax.lax.add, (0,)).astype(jnp.float32), None
+  lookup.defvjp(lambda table, tokens: (lookup(table, tokens), (tokens, table.shape)),
+                lambda residuals, g_BLD: (backward(residuals[0], g_BLD, residuals[1]), None))
+  return lookup
 
-  lookup.defvjp(lambda table, tokens: (lookup(table, tokens), (tokens, table.shape)), backward)
+
+def per_shard_bf16_grad(tokens_BL, g_BLD, shape):
+  """A lookup's table gradient scatter-added into one [V, D] table per batch shard ([shards, V, D],
+  sharded like the batch, which is split over every device), cast to bfloat16 and summed: several
+  devices all-reduce it in bfloat16, after the cast."""
+  V, D = shape
+  shards = jax.device_count()
+  batch = NamedSharding(jax.make_mesh((shards, 1), sharding_lib.BATCH, (AxisType.Auto, AxisType.Auto)),
+                        PartitionSpec(sharding_lib.BATCH))  # the run's mesh, on its devices
+  tokens_SN, g_SND = tokens_BL.reshape(shards, -1), g_BLD.reshape(shards, -1, D).astype(jnp.float32)
+  parts_SVD = jax.vmap(lambda t, g: jnp.zeros((V, D), jnp.float32).at[t].add(g))(tokens_SN, g_SND)
+  parts_SVD = jax.lax.with_sharding_constraint(parts_SVD.astype(jnp.bfloat16), batch)
+  # lax.reduce, not jnp.sum: jnp.sum adds bfloat16 in float32, and the all-reduce with it
+  return jax.lax.reduce(parts_SVD, jnp.bfloat16(0), jax.lax.add, (0,)).astype(jnp.float32)
+
+
+def _per_shard_bf16_jnp():
+  """jax.numpy for the model, with a take whose gradient for the [vocab, d] token table (the
+  position table is left alone) is per_shard_bf16_grad."""
+  lookup = lookup_with_grad(per_shard_bf16_grad)
   take = lambda a, indices, axis=None, **kw: (  # noqa: E731
       lookup(a, indices) if axis == 0 and a.shape[0] == bench_step._VOCAB.value else jnp.take(a, indices, axis, **kw))
   return types.SimpleNamespace(**{**vars(jnp), "take": take})
@@ -90,7 +101,7 @@ VARIANTS = {
         "cpu_dot_general": lambda x, w, *_, **__: model_lib._matmul_saving_transposed_input(x, w)},
     "dense_lax": {"cpu_dot_general": jax.lax.dot_general},
     "gelu_erfc": {"gelu": lambda x, approximate: nn.gelu(x, approximate=approximate)},
-    "embedding_grad_bf16": {"jnp": _per_shard_bf16_lookup()},
+    "embedding_grad_bf16": {"jnp": _per_shard_bf16_jnp()},
 }
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "alternating timed rounds of --steps steps per variant")
 _VARIANTS = flags.DEFINE_list("variants", ["now"], ", ".join(VARIANTS))

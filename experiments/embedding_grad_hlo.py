@@ -22,43 +22,20 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-MESH = Mesh(jax.devices()[:2], ("data",))
-SHARDS = 2
+from bench_variants import lookup_with_grad, per_shard_bf16_grad  # noqa: E402
+from jaxlm import sharding as sharding_lib  # noqa: E402
 
-
-def _lookup(backward):
-  @jax.custom_vjp
-  def lookup(table_VD, tokens_BL):
-    return jnp.take(table_VD, tokens_BL, axis=0)
-
-  def fwd(table_VD, tokens_BL):
-    return lookup(table_VD, tokens_BL), (tokens_BL, table_VD.shape)
-
-  def bwd(residuals, g_BLD):
-    tokens_BL, shape = residuals
-    return backward(tokens_BL, g_BLD, shape), None
-
-  lookup.defvjp(fwd, bwd)
-  return lookup
+MESH = jax.make_mesh((2, 1), sharding_lib.BATCH, (AxisType.Auto, AxisType.Auto))  # a run's, data parallel
 
 
 def cast_after(tokens_BL, g_BLD, shape):
   return jnp.zeros(shape, jnp.float32).at[tokens_BL].add(g_BLD).astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def per_shard(tokens_BL, g_BLD, shape):
-  V, D = shape
-  tokens_SN, g_SND = tokens_BL.reshape(SHARDS, -1), g_BLD.reshape(SHARDS, -1, D)
-  parts_SVD = jax.vmap(lambda t, g: jnp.zeros((V, D), jnp.float32).at[t].add(g))(tokens_SN, g_SND)
-  parts_SVD = jax.lax.with_sharding_constraint(parts_SVD, NamedSharding(MESH, P("data")))
-  # lax.reduce, not jnp.sum: jnp.sum adds bfloat16 in float32
-  return jax.lax.reduce(parts_SVD.astype(jnp.bfloat16), jnp.bfloat16(0), jax.lax.add, (0,)).astype(jnp.float32)
-
-
 VARIANTS = {"take": lambda table, tokens: jnp.take(table, tokens, axis=0),
-            "cast_after": _lookup(cast_after), "per_shard": _lookup(per_shard)}
+            "cast_after": lookup_with_grad(cast_after), "per_shard": lookup_with_grad(per_shard_bf16_grad)}
 
 
 def main():
@@ -66,7 +43,7 @@ def main():
   table = jnp.asarray(rng.normal(size=(1024, 64)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 1024, (8, 16)), jnp.int32)
   w = jnp.asarray(rng.normal(size=(8, 16, 64)), jnp.float32)
-  replicated, batch = NamedSharding(MESH, P()), NamedSharding(MESH, P("data"))
+  replicated, batch = NamedSharding(MESH, P()), NamedSharding(MESH, P(sharding_lib.BATCH))
   want = None
   for name, lookup in VARIANTS.items():
     loss = lambda t, x, w, lookup=lookup: (lookup(t, x) * w).sum()  # noqa: E731
