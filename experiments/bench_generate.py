@@ -63,7 +63,7 @@ def main(argv):
   config = _CONFIG.value
   config_lib.validate(config)
   setup = train_lib.setup(config, _VOCAB.value, num_steps=10_000)  # untrained: speed does not depend on it
-  device, dtype, model, params = setup.device, setup.dtype, setup.model, setup.state.params
+  device, dtype, model, params = setup.device, setup.dtype, setup.model, train_lib.init_state(setup).params
   context = model.max_seq_length
   if _PROMPT.value + _NEW.value > context:
     raise SystemExit(f"prompt + new tokens ({_PROMPT.value + _NEW.value}) must fit the context ({context}): "

@@ -67,10 +67,10 @@ def make_variant(s: train_lib.Setup, mode: str, k: int, num_calls: int):
                  in_shardings=(s.state_shardings, batch), out_shardings=(s.state_shardings, replicated),
                  donate_argnums=train_lib.donate_state(s.device))
     t0 = time.perf_counter()
-    compiled = fn.lower(s.state, batches[0]).compile(s.compiler_options)
+    compiled = fn.lower(s.abstract_state, batches[0]).compile(s.compiler_options)
     return time.perf_counter() - t0, lambda st, i: compiled(st, batches[i])
   seqs, order = sharding_lib.put(pool, replicated), sharding_lib.put(np.arange(len(pool), dtype=np.int32), replicated)
-  program, compile_s = train_lib.compile_train_steps(s, s.state, seqs, order, k)
+  program, compile_s = train_lib.compile_train_steps(s, s.abstract_state, seqs, order, k)
   return compile_s, lambda st, i: program(st, seqs, order, np.int32(i * k))
 
 
@@ -159,7 +159,7 @@ def main(argv):
     calls = -(-_STEPS.value // k)
     with jax.default_device(s.device):
       compile_s, call = make_variant(s, mode, k, _WARMUP.value + calls)
-      state = jax.tree.map(jnp.copy, s.state)  # s.state stays for the next variant (donated on accelerators)
+      state = train_lib.init_state(s)  # each variant its own (donated on accelerators)
       for i in range(_WARMUP.value):
         state, m = call(state, i)
       jax.block_until_ready(state)  # not m: with --warmup=0 there is none yet

@@ -139,7 +139,7 @@ def compile_variant(config, variant: str, num_calls: int):
     s = train_lib.setup(config, bench_step._VOCAB.value, 1000)
     compile_s, call = bench_step.make_variant(s, bench_step._MODES.value[0], steps_per_call(),
                                               num_calls + bench_step._WARMUP.value)
-    state = s.state
+    state = train_lib.init_state(s)
     for i in range(bench_step._WARMUP.value):
       state, _ = call(state, num_calls + i)
     return compile_s, call, jax.block_until_ready(state)

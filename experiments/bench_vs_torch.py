@@ -66,7 +66,7 @@ def main(_):
     raise app.UsageError("the baseline's step needs " + ", ".join(unlike))
   _, jax_call = bench_step.make_variant(s, "step", 1, steps)
   call_torch, torch = torch_step(config, steps)
-  state = s.state
+  state = train_lib.init_state(s)
   for i in range(bench_step._WARMUP.value):  # warm-up of both
     state, _ = jax_call(state, i % steps)
     call_torch(i % steps)

@@ -105,16 +105,21 @@ class Checkpoints:
     restored = self._newest(name, lambda number: self._restore(name, number, state=args, meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
-  def restore_params(self, name: str) -> tuple:
-    """(the model's weights as numpy arrays, meta) of the `name` checkpoint: the moving average of
-    the parameters when the run kept one (training.ema_decay), else the parameters. The optimizer
-    state is not read."""
+  def restore_params(self, name: str, like=None) -> tuple:
+    """(the model's weights, meta) of the `name` checkpoint: the moving average of the parameters
+    when the run kept one (training.ema_decay), else the parameters. The optimizer state is not read.
+    As numpy arrays; or, given `like` (a TrainState, or its shapes and shardings), as arrays of the
+    dtypes and shardings of its `ema_params` or `params`."""
 
     def read(number):
       key, tree = self._params_metadata(name, number)
-      shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-      args = ocp.args.PyTreeRestore(item={key: shapes}, restore_args={key: as_numpy}, partial_restore=True)
+      if like is None:
+        shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+      else:  # (a run without a moving average reads one into its parameters' dtype)
+        shapes = like.params if getattr(like, key) is None else getattr(like, key)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(shapes)
+      args = ocp.args.PyTreeRestore(item={key: shapes}, restore_args={key: restore_args}, partial_restore=True)
       restored = self._restore(name, number, state=args, meta=ocp.args.JsonRestore())
       return restored.state[key], restored.meta
 

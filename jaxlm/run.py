@@ -315,7 +315,7 @@ def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class _Setup:
   """Everything a run derives from its config before it touches the work directory."""
-  train: train_lib.Setup  # device, dtype, model, schedule, optimizer, fresh state
+  train: train_lib.Setup  # device, dtype, model, schedule, optimizer, the state's shapes and shardings
   corpus: data_lib.Corpus
   train_seqs: np.ndarray  # [n, seq_length], from the first token
   steps_per_epoch: int
@@ -360,11 +360,20 @@ def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
   train_seqs = _split_sequences(config, corpus)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_seqs), config.training.batch_size)
   num_steps = train_lib.schedule_length(config, config.training.epochs * steps_per_epoch)
-  with interrupt_after():  # XLA compiles the fresh state
+  with interrupt_after():  # (eager ops compile small XLA programs)
     train = train_lib.setup(config, corpus.vocab_size, num_steps)
   return _Setup(train, corpus, train_seqs, steps_per_epoch, num_steps,
                 config_lib.steps_per_call(config, train.device, train.flops_per_device_step,
                                           config.training.epochs * steps_per_epoch))
+
+
+def _fresh_state(s: _Setup, resumed: dict | None) -> train_lib.TrainState | None:
+  """A new run's first state; None for a resumed run, which restores `last` into the state's shapes
+  instead (making a fresh one too would hold two states on the devices)."""
+  if resumed:
+    return None
+  with interrupt_after():  # XLA compiles it
+    return train_lib.init_state(s.train)
 
 
 def _print_setup(s: _Setup) -> None:
@@ -406,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
     resumed = _resumable_meta(config.workdir)
     setup = _setup(config, resumed)
     _print_setup(setup)
-    run = _Run(setup, resumed, stack)
+    run = _Run(setup, resumed, _fresh_state(setup, resumed), stack)
     run.train()
     return run.test()
 
@@ -415,10 +424,11 @@ class _Run:
   """One training run in its work directory: the epoch loop and its policy (logging, saving,
   sampling, stopping), over the state and steps above."""
 
-  def __init__(self, setup: _Setup, resumed: dict | None, stack: contextlib.ExitStack):
+  def __init__(self, setup: _Setup, resumed: dict | None, fresh: train_lib.TrainState | None,
+               stack: contextlib.ExitStack):
     self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
     self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
-    self.state, self.loop = self._resume(resumed)
+    self.state, self.loop = self._resume(resumed, fresh)
     self.tokenizer = setup.corpus.tokenizer()
     self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
     self.step = int(self.state.step)
@@ -450,9 +460,9 @@ class _Run:
     self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply, ts.mesh, ts.state_shardings.params)
     self.sampler, self.sample_prompt = self._make_sampler()
 
-  def _resume(self, resumed: dict | None) -> tuple[train_lib.TrainState, LoopState]:
+  def _resume(self, resumed: dict | None, fresh: train_lib.TrainState | None
+              ) -> tuple[train_lib.TrainState, LoopState]:
     """(state, LoopState) from `last` when the run resumes (`resumed`: its meta), else the fresh ones."""
-    fresh = self.s.train.state
     if resumed is None:
       if self.config.model.init_from:
         from jaxlm import export
@@ -462,7 +472,7 @@ class _Run:
         return fresh.replace(params=params).restart_average(), LoopState()
       return fresh, LoopState()
     _report_changes(self.config, resumed, self.s.num_steps)
-    state, meta = self.checkpoints.restore("last", fresh)
+    state, meta = self.checkpoints.restore("last", self.s.train.abstract_state)
     # (a checkpoint saved before a field was added has the field's default)
     loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState) if f.name in meta})
     print(f"resuming from {self.checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
@@ -707,8 +717,9 @@ class _Run:
           f"{self.checkpoints.directory}/best, which the test measures, is missing (moved or deleted?). Put it "
           f"back and re-run the same command, or measure `last`: python -m jaxlm.evaluate "
           f"--workdir={self.workdir} --checkpoint=last")
-    best_state, _ = self.checkpoints.restore("best", self.state)
-    test = self.evaluate("test", best_state.model_params)
+    # The weights alone, beside the state: not a second optimizer state.
+    params, _ = self.checkpoints.restore_params("best", self.s.train.abstract_state)
+    test = self.evaluate("test", params)
     if test is None:
       self.stopped()  # `last` is final: re-running the command tests again
     # One step past the last: re-running a finished run (it tests again) hides the earlier points.

@@ -1,8 +1,9 @@
 """The pure core of training: the optimizer, the TrainState, the jitted steps and on-device batching.
 
 `setup(config, vocab_size, num_steps)` is the one place that turns a config into a mesh of devices,
-a compute dtype, a model, a schedule, an optimizer and a fresh TrainState sharded over the mesh
-(`jaxlm.sharding`); the run (`jaxlm.run`), the benchmarks and the tests all start from it.
+a compute dtype, a model, a schedule, an optimizer and the TrainState's shapes and shardings over the
+mesh (`jaxlm.sharding`); the run (`jaxlm.run`), the benchmarks and the tests all start from it.
+`init_state` makes a fresh state from them; a resumed run restores one instead.
 
 The train split lives on the device as int [N, L] sequences. `train_steps` runs `num_steps` updates
 in one jitted call (a `lax.scan`), each gathering its batch there from the epoch's order (a pure
@@ -100,10 +101,8 @@ def schedule_length(config: ml_collections.ConfigDict, total_steps: int) -> int:
   return num_steps
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Transformer,
-                       tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
-  """(fresh parameters and optimizer state from config.training.seed, made in place on the mesh by
-  one compiled program; the state's shardings)."""
+def _init(config: ml_collections.ConfigDict, model: model_lib.Transformer, tx: optax.GradientTransformation):
+  """key -> fresh parameters and optimizer state (the program that makes them)."""
 
   def init(key):
     init_key, dropout_key = jax.random.split(key)
@@ -112,11 +111,25 @@ def create_train_state(config: ml_collections.ConfigDict, model: model_lib.Trans
                               ema_decay=config.training.ema_decay).restart_average()
     return state.replace(step=jnp.zeros((), jnp.int32))  # typed as train_step returns it: one compile
 
-  key = jax.random.PRNGKey(config.training.seed)
-  abstract = jax.eval_shape(init, key)
+  return init
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: model_lib.Transformer,
+                         tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+  """The TrainState as shapes, dtypes and shardings over `mesh` (jax.ShapeDtypeStruct leaves), with
+  nothing computed or allocated: what a checkpoint restores into, and what the steps compile for."""
+  abstract = jax.eval_shape(_init(config, model, tx), jax.random.PRNGKey(config.training.seed))
   shardings = sharding_lib.state_shardings(mesh, abstract)
   sharding_lib.check_fits(abstract, shardings, mesh)
-  return jax.jit(init, out_shardings=shardings)(key), shardings
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def init_state(s: "Setup") -> TrainState:
+  """Fresh parameters and optimizer state from training.seed, made in place on the mesh by one
+  compiled program. Only a run that starts (not one that resumes) makes them: a resumed run
+  restores into `s.abstract_state` and holds one state, not two."""
+  init = jax.jit(_init(s.config, s.model, s.optimizer), out_shardings=s.state_shardings)
+  return init(jax.random.PRNGKey(s.config.training.seed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +142,7 @@ class Setup:
   model: model_lib.Transformer
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
-  state: TrainState  # fresh, sharded over `mesh` by `state_shardings`
-  state_shardings: TrainState  # of NamedShardings
+  abstract_state: TrainState  # of jax.ShapeDtypeStructs: shapes, dtypes, shardings over `mesh`
   loss_chunk: int  # tokens per chunk of the training loss's output projection; 0 = all at once
   gpu_matmuls: str  # "xla" or "cublas" (config.gpu_matmuls): XLA's options for compiling the step
   flops_per_token: float  # training FLOPs (forward + backward), for tokens/s -> MFU
@@ -138,8 +150,12 @@ class Setup:
   peak_flops: float | None  # of the whole mesh in `dtype`, when known
 
   @property
+  def state_shardings(self) -> TrainState:  # of NamedShardings
+    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+  @property
   def num_params(self) -> int:
-    return model_lib.count_params(self.state.params)
+    return model_lib.count_params(self.abstract_state.params)
 
   @property
   def compiler_options(self) -> dict:
@@ -147,7 +163,8 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) -> Setup:
-  """The mesh, dtype, model, `num_steps`-long schedule, optimizer and fresh state `config` asks for."""
+  """The mesh, dtype, model, `num_steps`-long schedule, optimizer and state shapes `config` asks for
+  (`init_state` makes a fresh state)."""
   devices = config_lib.select_devices(config)
   device = config_lib.select_device(config)
   mesh = sharding_lib.make_mesh(config, devices)
@@ -156,11 +173,11 @@ def setup(config: ml_collections.ConfigDict, vocab_size: int, num_steps: int) ->
                           device.platform)
   schedule = make_schedule(config, num_steps)
   optimizer = make_optimizer(config, schedule)
-  state, shardings = create_train_state(config, model, optimizer, mesh)
+  abstract_state = abstract_train_state(config, model, optimizer, mesh)
   peak = metrics_lib.peak_flops(device, dtype)
   flops_per_token = model_lib.flops_per_token(config, vocab_size)
   flops_per_device_step = flops_per_token * config.training.batch_size * config.data.seq_length / mesh.size
-  return Setup(config, mesh, device, dtype, model, schedule, optimizer, state, shardings,
+  return Setup(config, mesh, device, dtype, model, schedule, optimizer, abstract_state,
                config_lib.loss_chunk(config, device), config_lib.gpu_matmuls(config, device, flops_per_device_step),
                flops_per_token, flops_per_device_step, peak and peak * mesh.size)
 

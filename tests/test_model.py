@@ -30,7 +30,7 @@ def make_state(config, num_steps=1000, dtype=jnp.float32, vocab=VOCAB):
   config = config.copy_and_resolve_references()
   config.model.dtype = jnp.dtype(dtype).name
   s = train_lib.setup(config, vocab, num_steps)
-  return s.model, s.schedule, s.state
+  return s.model, s.schedule, train_lib.init_state(s)
 
 
 def random_tokens(shape, seed=0, vocab=VOCAB):
@@ -353,8 +353,8 @@ def test_compiling_for_cublas_matmuls_makes_the_same_updates():
   for matmuls, options in (("xla", {}), ("cublas", {"xla_gpu_enable_triton_gemm": False})):
     variant = dataclasses.replace(s, gpu_matmuls=matmuls)
     assert variant.compiler_options == options
-    program, _ = train_lib.compile_train_steps(variant, variant.state, seqs, order, 2)
-    updates.append(program(variant.state, seqs, order, jnp.int32(0)))
+    program, _ = train_lib.compile_train_steps(variant, variant.abstract_state, seqs, order, 2)
+    updates.append(program(train_lib.init_state(variant), seqs, order, jnp.int32(0)))
   jax.tree.map(np.testing.assert_array_equal, updates[0], updates[1])
 
 

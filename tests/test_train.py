@@ -1,4 +1,5 @@
 """The whole training run on the tiny config, with real files on disk."""
+import gc
 import json
 import os
 import re
@@ -31,14 +32,14 @@ METRIC_KEYS = {"epoch", "global_step", "train_loss", "val_loss", "val_perplexity
 TIMING_KEYS = {"epoch_time_s", "tokens_per_s", "mfu"}
 
 
-def fresh_state(config, vocab_size):
-  return train_lib.setup(config, vocab_size, num_steps=1000).state  # the target a checkpoint restores into
+def abstract_state(config, vocab_size):
+  return train_lib.setup(config, vocab_size, num_steps=1000).abstract_state  # what a checkpoint restores into
 
 
 def restore(workdir, name, config, vocab_size):
   checkpoints = checkpoint_lib.Checkpoints(workdir, writer=False)
   try:
-    return checkpoints.restore(name, fresh_state(config, vocab_size))
+    return checkpoints.restore(name, abstract_state(config, vocab_size))
   finally:
     checkpoints.close()
 
@@ -287,14 +288,14 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
 
 def test_a_ctrl_c_while_the_fresh_state_compiles_stops_the_run_once_the_compile_is_done(tiny_config, monkeypatch):
   """KeyboardInterrupt raised inside XLA's compile could crash Python on its way out (status 139)."""
-  real, compiled = train_lib.setup, []
+  real, compiled = train_lib.init_state, []
 
-  def setup(*args, **kwargs):
+  def init_state(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the compile starts
     compiled.append(real(*args, **kwargs))
     return compiled[-1]
 
-  monkeypatch.setattr(train_lib, "setup", setup)
+  monkeypatch.setattr(train_lib, "init_state", init_state)
   with pytest.raises(KeyboardInterrupt):
     run_lib.train_and_evaluate(tiny_config)
   assert compiled and not os.path.exists(os.path.join(tiny_config.workdir, "checkpoints"))
@@ -511,6 +512,43 @@ def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_pat
   columns = sorted(set(df.columns) - TIMING_KEYS)
   pd.testing.assert_frame_equal(df[columns], df_ref[columns])
   assert summary["test_loss"] == reference_summary["test_loss"]
+
+
+def test_a_resumed_run_holds_one_state_and_tests_best_with_its_weights_alone(tiny_config, monkeypatch):
+  """A resume restores into the state's shapes (no fresh state made beside it), and the test reads
+  `best`'s weights, not its optimizer state: a model that fits when it starts fits when it resumes."""
+  def live_bytes():  # of the distinct buffers (orbax's copies for a save share theirs on a CPU)
+    gc.collect()
+    return sum(dict((s.data.unsafe_buffer_pointer(), s.data.nbytes)
+                    for a in jax.live_arrays() for s in a.addressable_shards).values())
+
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+  seen = []  # (what, bytes live beyond those before the run, the state's, its parameters')
+  real_epoch, real_evaluate = run_lib._Run.train_epoch, run_lib._Run.evaluate
+
+  def train_epoch(self, epoch):
+    seen.append((f"epoch {epoch}", live_bytes() - before, nbytes(self.state), nbytes(self.state.params)))
+    return real_epoch(self, epoch)
+
+  def evaluate(self, split, params=None):
+    if split == "test":
+      seen.append(("test", live_bytes() - before, nbytes(self.state), nbytes(self.state.params)))
+    return real_evaluate(self, split, params)
+
+  monkeypatch.setattr(run_lib._Run, "train_epoch", train_epoch)
+  monkeypatch.setattr(run_lib._Run, "evaluate", evaluate)
+  tiny_config.training.epochs = 1
+  before = live_bytes()
+  run_lib.train_and_evaluate(tiny_config)
+  tiny_config.training.epochs = 2
+  before = live_bytes()
+  run_lib.train_and_evaluate(tiny_config)
+  assert [what for what, *_ in seen] == ["epoch 1", "test", "epoch 2", "test"]
+  for what, live, state, params in seen:
+    # The state is its parameters, Adam's two moments and a few scalars; beside it the train split
+    # (160 x 32 tokens), and while testing `best`'s weights: one state where two used to be.
+    assert 3 * params <= state < 3 * params + 100
+    assert live < state + (2 * params if what == "test" else params), (what, live, state)
 
 
 def test_more_epochs_on_resume_warns_that_the_schedule_changes(tiny_config, capsys):
