@@ -17,6 +17,7 @@ which for a tokenizer trained without newlines equals tokenizing the whole text 
 Run ahead of training: python -m jaxlm.data --config=configs/base.py
 """
 import codecs
+import errno
 import glob
 import hashlib
 import json
@@ -141,6 +142,17 @@ def _check_text_file(path: str) -> None:
     raise DataError(f"{path} is not UTF-8 text (it ends inside a character). Convert it to UTF-8.") from None
 
 
+def _raw_cache_error(config: ml_collections.ConfigDict, error: BaseException) -> DataError | None:
+  """The error to report when `datasets` failed because its cache in data.raw_dir could not be
+  written (it wraps a full disk in its own types), else None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      return DataError(f"cannot write the datasets cache in {config.data.raw_dir} ({error.strerror}). Point "
+                       f"--config.data.raw_dir at a writable folder with free space.")
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def read_rows(config: ml_collections.ConfigDict, source: dict, splits=SPLITS) -> dict[str, list[str]]:
   """{split: rows in the WikiText raw layout} of `source` (see `source_spec`), read through `datasets`."""
   import datasets  # heavy, and absent where only prepared data is used (e.g. a GPU machine)
@@ -150,7 +162,7 @@ def read_rows(config: ml_collections.ConfigDict, source: dict, splits=SPLITS) ->
     try:
       dsd = datasets.load_dataset(d.dataset_name, d.dataset_config, cache_dir=d.raw_dir)
     except Exception as e:  # offline, unknown name, ...: datasets raises many types
-      raise DataError(
+      raise _raw_cache_error(config, e) or DataError(
           f"could not load '{d.dataset_name}/{d.dataset_config}' from the Hugging Face hub "
           f"({type(e).__name__}: {str(e)[:200]}). Offline? Put the three splits in a folder "
           f"(train.txt, validation.txt, test.txt; or wiki.*.raw, or the hub's parquet files) and "
@@ -169,7 +181,8 @@ def read_rows(config: ml_collections.ConfigDict, source: dict, splits=SPLITS) ->
       return {s: list(dsd[s]["text"]) for s in splits}
     dsd = datasets.load_dataset("parquet", data_files=files, cache_dir=d.raw_dir)
   except Exception as e:  # unreadable or malformed files
-    raise DataError(f"could not read the files in {source['dir']} ({type(e).__name__}: {str(e)[:300]})") from None
+    raise _raw_cache_error(config, e) or DataError(
+        f"could not read the files in {source['dir']} ({type(e).__name__}: {str(e)[:300]})") from None
   for s in splits:
     if "text" not in dsd[s].column_names:
       raise DataError(f"{files[s][0]} has no 'text' column (columns: {dsd[s].column_names})")

@@ -285,3 +285,25 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_what_was_saved(settin
   assert "Traceback" not in (tmp_path / "out").read_text()
   inspected = (tmp_path / "inspect").read_text().splitlines()  # what was saved before the disk filled reads
   assert inspected[0].endswith("checkpoints") and inspected[1].startswith("last: in epoch 1, step 10, ")
+
+
+@pytest.mark.parametrize("folder", ["raw_dir", "processed_dir"])
+def test_a_full_disk_while_preparing_the_data_is_one_line_naming_the_folder(tmp_path, folder):
+  """The datasets library wraps a full disk in its own error types: the message still names the
+  folder that is full (data.raw_dir, its cache of the read files; data.processed_dir, the tokens)."""
+  write_corpus(tmp_path / "corpus")
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  prefix = mount_small_disk(disk, "20k")
+  if prefix is None:
+    pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
+  dirs = {"raw_dir": tmp_path / "raw", "processed_dir": tmp_path / "processed", folder: disk / folder}
+  done = subprocess.run(prefix + [sys.executable, "-m", "jaxlm.data", f"--config={BASE_CONFIG}:tiny",
+                                  f"--config.data.data_dir={tmp_path / 'corpus'}",
+                                  *[f"--config.data.{key}={path}" for key, path in dirs.items()]],
+                        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stdout + done.stderr
+  what = "the datasets cache" if folder == "raw_dir" else "the data cache"
+  assert done.stderr.splitlines() == [
+      f"error: cannot write {what} in {disk / folder} (No space left on device). Point "
+      f"--config.data.{folder} at a writable folder with free space."]
