@@ -146,11 +146,14 @@ def _exit_usage(message: str) -> None:
   raise SystemExit(2)
 
 
-def _without_closed_loop_noise(unraisablehook):
-  """After a failed background save, tensorstore's callbacks keep calling into orbax's closed event
-  loop and print a traceback each; the failure itself is reported in one line."""
+def _without_noise(unraisablehook):
+  """Drops two tracebacks that say nothing to do: after a failed background save, tensorstore's
+  callbacks keep calling into orbax's closed event loop (the failure itself is reported in one
+  line); and a Ctrl-C that Python raised inside a callback, which it ignores there (a training run
+  still stops for it: run._StopRequest)."""
   def hook(unraisable):
-    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+    closed_loop = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+    if not (closed_loop or unraisable.exc_type is KeyboardInterrupt):
       unraisablehook(unraisable)
   return hook
 
@@ -167,7 +170,7 @@ def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
   if not verbose and not flags.FLAGS["verbosity"].present:
     # orbax, datasets and the hub client log at length, also about failures reported here in one line.
     std_logging.disable(std_logging.ERROR)
-    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+    sys.unraisablehook = _without_noise(sys.unraisablehook)
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)  # the same
   try:
     main(argv)

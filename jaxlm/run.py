@@ -128,23 +128,37 @@ def _move_aside(workdir: str) -> None:
 
 
 class _StopRequest:
-  """Turns the first SIGINT/SIGTERM into a request to stop after the current step (the run then
-  saves `last`); a second one quits at once, except that a checkpoint being written is finished
-  first (`saving`), so that no save is lost half-way."""
+  """A run's signals. While it sets up (reads and tokenizes the data, makes or restores the state),
+  a SIGINT stops it at once, as by default. Once it trains (`training`), the first SIGINT/SIGTERM is
+  a request to stop after the current step (the run then saves `last`); a second one quits at once,
+  except that a checkpoint being written is finished first (`saving`), so that no save is lost
+  half-way."""
 
   def __init__(self):
     self.signum = None
+    self._training = False
     self._saving = False
     self._quit = None  # a second signal that came during a save
 
   def __enter__(self):
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in self._previous:
-      signal.signal(s, self._handle)
+    signal.signal(signal.SIGINT, self._handle)
     return self
+
+  def training(self) -> None:
+    """From here on a signal asks for a stop at the next step boundary. A Ctrl-C during the setup
+    whose KeyboardInterrupt Python lost stops the run here, before any step: one raised inside a
+    garbage collector's callback (JAX has one) is printed as "Exception ignored" and dropped."""
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, self._handle)
+    self._training = True
 
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
+    if not self._training:
+      self.signum = signum
+      raise KeyboardInterrupt
     if self.signum is None:
       self.signum = signum
       _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
@@ -403,6 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
   # A host's compile cache may be its own.
   _same_on_every_process(json.dumps({**config.to_dict(), "compile_cache_dir": ""}, sort_keys=True), "settings")
   with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(_StopRequest())
 
     def claim():  # the directory and its lock are process 0's
       if fresh:
@@ -415,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
     resumed = _resumable_meta(config.workdir)
     setup = _setup(config, resumed)
     _print_setup(setup)
-    run = _Run(setup, resumed, _fresh_state(setup, resumed), stack)
+    run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack)
     run.train()
     return run.test()
 
@@ -425,8 +440,8 @@ class _Run:
   sampling, stopping), over the state and steps above."""
 
   def __init__(self, setup: _Setup, resumed: dict | None, fresh: train_lib.TrainState | None,
-               stack: contextlib.ExitStack):
-    self.s, self.config, self.workdir = setup, setup.config, setup.config.workdir
+               stop: _StopRequest, stack: contextlib.ExitStack):
+    self.s, self.config, self.workdir, self.stop = setup, setup.config, setup.config.workdir, stop
     self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
     self.state, self.loop = self._resume(resumed, fresh)
     self.tokenizer = setup.corpus.tokenizer()
@@ -450,7 +465,6 @@ class _Run:
     t, ts = self.config.training, setup.train
     self.progress = metrics_lib.Progress(setup.total_steps, t.batch_size * self.config.data.seq_length,
                                          ts.flops_per_token, ts.peak_flops)
-    self.stop = stack.enter_context(_StopRequest())
     stack.enter_context(jax.default_device(ts.device))  # the odd host-side op (the schedule's value) too
     self.save_timer = _SaveTimer(self.config, self.step)
     self.replicated = sharding_lib.replicated(ts.mesh)
@@ -459,6 +473,7 @@ class _Run:
     self.programs = {}  # steps per call -> the compiled train_steps
     self.eval_fn = evaluate_lib.make_eval_step(ts.model.apply, ts.mesh, ts.state_shardings.params)
     self.sampler, self.sample_prompt = self._make_sampler()
+    stop.training()
 
   def _resume(self, resumed: dict | None, fresh: train_lib.TrainState | None
               ) -> tuple[train_lib.TrainState, LoopState]:

@@ -301,6 +301,36 @@ def test_a_ctrl_c_while_the_fresh_state_compiles_stops_the_run_once_the_compile_
   assert compiled and not os.path.exists(os.path.join(tiny_config.workdir, "checkpoints"))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, as Python says
+def test_a_ctrl_c_that_python_drops_while_the_data_is_prepared_still_stops_the_run(tiny_config, monkeypatch):
+  """A Ctrl-C whose KeyboardInterrupt is raised inside a garbage collector's callback is printed as
+  "Exception ignored" and dropped (seen in JAX's, while the data was tokenized): the run must not
+  go on to train for hours."""
+  real_load, fired = data_lib.load, []
+
+  def drop_a_ctrl_c(phase, info):  # a gc callback, as JAX's: the signal's exception is raised in here
+    if not fired:
+      fired.append(phase)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(10_000):  # loops let Python run the signal's handler: here, inside the callback
+        pass
+
+  def load(*args, **kwargs):
+    gc.callbacks.append(drop_a_ctrl_c)
+    try:
+      corpus = real_load(*args, **kwargs)
+      gc.collect()
+    finally:
+      gc.callbacks.remove(drop_a_ctrl_c)
+    return corpus
+
+  monkeypatch.setattr(data_lib, "load", load)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.train_and_evaluate(tiny_config)
+  assert fired
+  assert not os.path.exists(os.path.join(tiny_config.workdir, "metrics.jsonl"))  # no step was trained
+
+
 def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
   """tensorboardX names an event file by the second it opens and truncates an existing one: a run
   stopped and resumed within one second must still keep the stopped run's points."""
