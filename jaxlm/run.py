@@ -148,8 +148,9 @@ class _StopRequest:
   def training(self) -> None:
     """From here on a signal asks for a stop at the next step boundary. A Ctrl-C during the setup
     whose KeyboardInterrupt Python lost stops the run here, before any step: one raised inside a
-    garbage collector's callback (JAX has one) is printed as "Exception ignored" and dropped."""
-    if self.signum is not None:
+    garbage collector's callback (JAX has one) is printed as "Exception ignored" and dropped. (With
+    several processes it stays a stop request, which they all agree on at the first log line.)"""
+    if self.signum is not None and jax.process_count() == 1:
       raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, self._handle)
     self._training = True
