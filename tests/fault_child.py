@@ -15,9 +15,12 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
   sigint:N        SIGINT at step N, and a second SIGINT while the checkpoint it asks for is being saved
   sigint:N:D      SIGINT at step N, and a second one D seconds later
   tbfull:K        the K-th TensorBoard write of scalars fails: no space left on the device
+  dropsigint:P    process P (its --process_id; 0 in a run of one process) gets a SIGINT while it loads
+                  the data, which Python drops (drop_a_sigint)
 The faults are monkeypatches in this process only: jaxlm has no hooks for them.
 """
 import errno
+import gc
 import os
 import signal
 import sys
@@ -90,6 +93,22 @@ def in_generator(owner, attribute: str, k: int, action) -> None:
   setattr(owner, attribute, wrapper)
 
 
+def drop_a_sigint() -> None:
+  """A SIGINT whose KeyboardInterrupt Python raises inside a garbage collector's callback, where it
+  ignores exceptions (printed as "Exception ignored in: ..."): as happens inside JAX's callback."""
+  def callback(phase, info):
+    if phase == "start":
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(10_000):  # a loop lets Python run the signal's handler: here, inside the callback
+        pass
+
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+
+
 def later(seconds: float, action) -> None:
   timer = threading.Timer(seconds, action)
   timer.daemon = True  # does not keep the process alive
@@ -136,6 +155,10 @@ def install(fault: str) -> None:
       on_call(ocp.CheckpointManager, "save", 1, interrupt, when=lambda *a, **kw: bool(sent))  # the save it asks for
     else:
       at_step(int(args[0]), lambda: (interrupt(), later(float(args[1]), interrupt)))
+  elif kind == "dropsigint":
+    process_id = next((a.split("=")[1] for a in sys.argv if a.startswith("--process_id=")), "0")
+    if process_id == args[0]:
+      on_call(data_lib, "load", 1, drop_a_sigint, before=True)
   elif kind == "tbfull":
     def full():
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -190,6 +190,19 @@ def test_ctrl_c_on_one_process_stops_both_and_saves(tiny_config, tmp_path):
   assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == step
 
 
+def test_a_ctrl_c_that_python_drops_on_one_process_while_setting_up_stops_both_and_saves(tiny_config, tmp_path):
+  """Process 1's SIGINT, raised inside a garbage collector's callback while it loads the data, is
+  dropped by Python: it still stops both processes, together, at the first log line."""
+  args = child_args(tiny_config, tmp_path / "run")
+  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "dropsigint:1", *args[4:]]
+  procs = start_two_processes(fault, devices_env(2))
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [130, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
+  step = tiny_config.training.log_every_steps
+  assert f"interrupted by SIGINT at step {step}; the checkpoint `last` holds it" in outs[0][0], outs[0][0][-2000:]
+  assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == step
+
+
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
   spec = lambda path, shape, fsdp=4: sharding_lib._leaf_spec(  # noqa: E731
       [jax.tree_util.DictKey(k) for k in path], jax.ShapeDtypeStruct(shape, np.float32), fsdp)
