@@ -15,6 +15,10 @@ nvidia-smi topo -m | tee -a $OUT/log.txt
 bench="python3 experiments/bench_step.py --config=configs/base.py --vocab_size=32768 --modes=calls \
        --steps_per_call=1 --steps=30 --config.data.seq_length=1024 --config.model.d_model=768 \
        --config.model.num_layers=12 --config.model.num_heads=12 --config.model.d_ff=3072 --config.model.attention=cudnn"
+# The comm sections' pair: one GPU at 16 sequences, two GPUs data parallel at 32 (16 per GPU).
+one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"
+dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
+sym="--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"
 run() { echo "## $*" | tee -a $OUT/log.txt; timeout 150 env "$@" > /tmp/run.log 2>&1
         grep -E '^\{|^compiled|^epoch|^test|^devices|^resum|Error|error' /tmp/run.log | tee -a $OUT/log.txt; }
 for section in "$@"; do
@@ -47,13 +51,13 @@ for section in "$@"; do
     run CUDA_VISIBLE_DEVICES=0 $bench --config.training.batch_size=16 --steps=20 ;;
   channels)  # `overlap` found the reduction hidden (0.15-0.2 ms exposed) but the compute kernels 1.7 ms
              # slower beside it: fewer NCCL channels (SMs) for it, with each protocol
-    one="$bench --config.training.batch_size=16 --steps=20"; dp="$bench --config.training.batch_size=32 --steps=20"
-    run CUDA_VISIBLE_DEVICES=0 $one
-    run $dp
-    for c in 2 4 8; do run NCCL_MAX_NCHANNELS=$c $dp; done
-    run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=Simple $dp
-    run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=LL128 $dp
-    run CUDA_VISIBLE_DEVICES=0 $one ;;
+    one3="$bench --config.training.batch_size=16 --steps=20"; dp3="$bench --config.training.batch_size=32 --steps=20"
+    run CUDA_VISIBLE_DEVICES=0 $one3
+    run $dp3
+    for c in 2 4 8; do run NCCL_MAX_NCHANNELS=$c $dp3; done
+    run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=Simple $dp3
+    run NCCL_MAX_NCHANNELS=4 NCCL_PROTO=LL128 $dp3
+    run CUDA_VISIBLE_DEVICES=0 $one3 ;;
   triton)  # cuBLAS for every matmul (XLA_FLAGS=--xla_gpu_enable_triton_gemm=false: 2.5% faster on one GPU at
            # this shape, gpu_speed.sh decide), on 1 GPU and 2, back to back with the defaults
     nt="XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
@@ -98,8 +102,6 @@ for section in "$@"; do
   comm)  # NCCL's lighter all-reduce kernels, against the compute slowed beside the ring kernels (the
          # 97% gap, "Where the 2-GPU step's extra time goes"): symmetric memory windows (NCCL 2.27's
          # load-store kernels over NVLink, no multicast), registered user buffers, one hardware queue
-    one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
-    sym="--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"
     run CUDA_VISIBLE_DEVICES=0 $one
     run $dp
     run XLA_FLAGS="$sym" NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $dp
@@ -108,8 +110,6 @@ for section in "$@"; do
     run XLA_FLAGS="$sym --xla_gpu_enable_nccl_user_buffers=true" $dp
     run CUDA_VISIBLE_DEVICES=0 $one ;;
   comm2)  # the rest of `comm` (one call of the device tool runs at most 10 minutes)
-    one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
-    sym="--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"
     run CUDA_VISIBLE_DEVICES=0 $one
     run $dp
     run CUDA_DEVICE_MAX_CONNECTIONS=1 $dp
@@ -123,7 +123,6 @@ for section in "$@"; do
     run CUDA_VISIBLE_DEVICES=0 $one ;;
   comm3)  # XLA's own collective switches in jax 0.11.2's plugin (results/2026-12-02_h200_nccl_xla_collective_flags.txt):
           # its collective kernels instead of NCCL's, more streams, all-reduce as reduce-scatter + all-gather
-    one="$bench --config.training.batch_size=16 --steps=20 --repeats=2"; dp="$bench --config.training.batch_size=32 --steps=20 --repeats=2"
     run CUDA_VISIBLE_DEVICES=0 $one
     run $dp
     # (each parsed by XLA on one H200; --xla_gpu_enable_all_reduce_splitter and
