@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm.cli import UserError
+from jaxlm.cli import UserError, out_of_memory
 
 NAMES = ("last", "best")
 
@@ -183,6 +183,8 @@ class Checkpoints:
     try:
       return self._managers[name].restore(number, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for missing or damaged files
+      if out_of_memory(e):  # the device's memory, not the checkpoint: the command says what to do
+        raise
       raise self._unreadable(name, number, e) from None
 
   def _params_metadata(self, name: str, number: int) -> tuple:

@@ -146,19 +146,16 @@ def _exit_usage(message: str) -> None:
   raise SystemExit(2)
 
 
-def _without_noise(unraisablehook):
-  """Drops two tracebacks that say nothing to do: after a failed background save, tensorstore's
-  callbacks keep calling into orbax's closed event loop (the failure itself is reported in one
-  line); and a Ctrl-C that Python raised inside a callback, which it ignores there (a training run
-  still stops for it: run._StopRequest)."""
+def _without_closed_loop_noise(unraisablehook):
+  """After a failed background save, tensorstore's callbacks keep calling into orbax's closed event
+  loop and print a traceback each; the failure itself is reported in one line."""
   def hook(unraisable):
-    closed_loop = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-    if not (closed_loop or unraisable.exc_type is KeyboardInterrupt):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
       unraisablehook(unraisable)
   return hook
 
 
-def _out_of_memory(e: Exception) -> bool:
+def out_of_memory(e: BaseException) -> bool:
   """XLA's out-of-memory error (at compile time or when allocating), as JAX raises it."""
   jax = sys.modules.get("jax")  # not imported here: a command that never loaded JAX did not fail so
   return jax is not None and isinstance(e, jax.errors.JaxRuntimeError) and str(e).lstrip().startswith(
@@ -170,7 +167,7 @@ def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
   if not verbose and not flags.FLAGS["verbosity"].present:
     # orbax, datasets and the hub client log at length, also about failures reported here in one line.
     std_logging.disable(std_logging.ERROR)
-    sys.unraisablehook = _without_noise(sys.unraisablehook)
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)  # the same
   try:
     main(argv)
@@ -191,7 +188,7 @@ def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
     where = f": {e.filename}" if e.filename else ""
     raise SystemExit(f"error: {e.strerror}{where}") from None
   except Exception as e:
-    if verbose or not _out_of_memory(e):
+    if verbose or not out_of_memory(e):
       raise  # a bug: its traceback
     lines = str(e).strip().splitlines()  # XLA's autotuner puts the allocation that failed further down
     xla = next((line for line in lines if "Out of memory" in line), lines[0])[:300].rstrip(".")

@@ -143,10 +143,16 @@ def _check_text_file(path: str) -> None:
 
 
 def _raw_cache_error(config: ml_collections.ConfigDict, error: BaseException) -> DataError | None:
-  """The error to report when `datasets` failed because its cache in data.raw_dir could not be
-  written (it wraps a full disk in its own types), else None."""
-  while error is not None:
+  """The error to report when `datasets` failed because a disk was full or read-only (it wraps such
+  an OSError in its own types): its cache in data.raw_dir, unless the OSError names another file."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      raw_dir = os.path.abspath(config.data.raw_dir)
+      if error.filename and not os.path.abspath(error.filename).startswith(raw_dir):
+        return DataError(f"cannot write {error.filename} ({error.strerror}) while reading the data: free "
+                         f"space there.")
       return DataError(f"cannot write the datasets cache in {config.data.raw_dir} ({error.strerror}). Point "
                        f"--config.data.raw_dir at a writable folder with free space.")
     error = error.__cause__ or error.__context__

@@ -128,38 +128,55 @@ def _move_aside(workdir: str) -> None:
 
 
 class _StopRequest:
-  """A run's signals. While it sets up (reads and tokenizes the data, makes or restores the state),
-  a SIGINT stops it at once, as by default. Once it trains (`training`), the first SIGINT/SIGTERM is
-  a request to stop after the current step (the run then saves `last`); a second one quits at once,
-  except that a checkpoint being written is finished first (`saving`), so that no save is lost
-  half-way."""
+  """A run's signals, by phase. While it sets up (reads and tokenizes the data, makes or restores the
+  state), a SIGINT stops it at once, as by default. Once it trains (`training`), the first
+  SIGINT/SIGTERM is a request to stop after the current step (the run then saves `last`); a second
+  one quits at once, except that a checkpoint being written is finished first (`saving`), so that no
+  save is lost half-way. Once it is done (`closing`: tested, its last saves being waited for), a
+  signal stops it at once again."""
 
   def __init__(self):
     self.signum = None
-    self._training = False
+    self._phase = "setup"
     self._saving = False
     self._quit = None  # a second signal that came during a save
 
   def __enter__(self):
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, self._handle)
+    self._unraisablehook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
     return self
+
+  def _unraisable(self, unraisable):
+    """Python drops a KeyboardInterrupt raised inside a callback it calls, e.g. a garbage
+    collector's (JAX has one): while setting up, `training` acts on it, so its traceback is noise."""
+    if not (self._phase == "setup" and unraisable.exc_type is KeyboardInterrupt):
+      self._unraisablehook(unraisable)
 
   def training(self) -> None:
     """From here on a signal asks for a stop at the next step boundary. A Ctrl-C during the setup
-    whose KeyboardInterrupt Python lost stops the run here, before any step: one raised inside a
-    garbage collector's callback (JAX has one) is printed as "Exception ignored" and dropped. (With
-    several processes it stays a stop request, which they all agree on at the first log line.)"""
-    if self.signum is not None and jax.process_count() == 1:
-      raise KeyboardInterrupt
+    that Python dropped stops the run here, before any step; with several processes it stays a
+    stop request, which they all agree on at the first log line (one process leaving alone would
+    leave the others waiting)."""
+    if self.signum is not None:
+      if jax.process_count() == 1:
+        raise KeyboardInterrupt
+      _say(f"\n{signal.Signals(self.signum).name}: stopping at the first log line, and saving a checkpoint\n")
     signal.signal(signal.SIGTERM, self._handle)
-    self._training = True
+    self._phase = "training"
+
+  def closing(self) -> None:
+    """The run is done: a signal now stops the command at once."""
+    self._phase = "closing"
 
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
-    if not self._training:
+    if self._phase != "training":
       self.signum = signum
-      raise KeyboardInterrupt
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      raise SystemExit(128 + signum)
     if self.signum is None:
       self.signum = signum
       _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
@@ -189,6 +206,7 @@ class _StopRequest:
       self._quit_now(self._quit)
 
   def __exit__(self, *exc):
+    sys.unraisablehook = self._unraisablehook
     for s, handler in self._previous.items():
       signal.signal(s, handler)
 
@@ -385,7 +403,7 @@ def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
 def _fresh_state(s: _Setup, resumed: dict | None) -> train_lib.TrainState | None:
   """A new run's first state; None for a resumed run, which restores `last` into the state's shapes
   instead (making a fresh one too would hold two states on the devices)."""
-  if resumed:
+  if resumed is not None:
     return None
   with interrupt_after():  # XLA compiles it
     return train_lib.init_state(s.train)
@@ -433,7 +451,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
     _print_setup(setup)
     run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack)
     run.train()
-    return run.test()
+    summary = run.test()
+    stop.closing()
+    return summary
 
 
 class _Run:

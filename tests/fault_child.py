@@ -93,20 +93,28 @@ def in_generator(owner, attribute: str, k: int, action) -> None:
   setattr(owner, attribute, wrapper)
 
 
-def drop_a_sigint() -> None:
+def drop_a_sigint() -> bool:
   """A SIGINT whose KeyboardInterrupt Python raises inside a garbage collector's callback, where it
-  ignores exceptions (printed as "Exception ignored in: ..."): as happens inside JAX's callback."""
+  ignores exceptions (printed as "Exception ignored in: ..."): as happens inside JAX's callback.
+  True when it was raised there (and so dropped)."""
+  raised = []
+
   def callback(phase, info):
     if phase == "start":
-      os.kill(os.getpid(), signal.SIGINT)
-      for _ in range(10_000):  # a loop lets Python run the signal's handler: here, inside the callback
-        pass
+      try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # a loop lets Python run the signal's handler: here, inside the callback
+          pass
+      except KeyboardInterrupt:
+        raised.append(True)
+        raise
 
   gc.callbacks.append(callback)
   try:
     gc.collect()
   finally:
     gc.callbacks.remove(callback)
+  return raised == [True]
 
 
 def later(seconds: float, action) -> None:
@@ -158,7 +166,8 @@ def install(fault: str) -> None:
   elif kind == "dropsigint":
     process_id = next((a.split("=")[1] for a in sys.argv if a.startswith("--process_id=")), "0")
     if process_id == args[0]:
-      on_call(data_lib, "load", 1, drop_a_sigint, before=True)
+      on_call(data_lib, "load", 1, lambda: drop_a_sigint() or sys.exit("the SIGINT was not dropped"),
+              before=True)
   elif kind == "tbfull":
     def full():
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

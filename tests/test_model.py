@@ -26,7 +26,8 @@ def small_config(**model_overrides):
 
 
 def make_state(config, num_steps=1000, dtype=jnp.float32, vocab=VOCAB):
-  """(model, schedule, fresh state) as a run makes them (train.setup), computing in `dtype`."""
+  """(model, schedule, fresh state) as a run makes them (train.setup, train.init_state), computing in
+  `dtype`."""
   config = config.copy_and_resolve_references()
   config.model.dtype = jnp.dtype(dtype).name
   s = train_lib.setup(config, vocab, num_steps)

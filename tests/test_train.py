@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pandas as pd
 import pytest
 from flax.training import train_state
@@ -307,18 +308,34 @@ def test_a_ctrl_c_that_python_drops_while_the_data_is_prepared_still_stops_the_r
   """A Ctrl-C whose KeyboardInterrupt is raised inside a garbage collector's callback is printed as
   "Exception ignored" and dropped (seen in JAX's, while the data was tokenized): the run must not
   go on to train for hours."""
-  real_load, calls = data_lib.load, []
+  real_load, dropped = data_lib.load, []
 
   def load(*args, **kwargs):
-    calls.append(1)
-    fault_child.drop_a_sigint()
+    dropped.append(fault_child.drop_a_sigint())
     return real_load(*args, **kwargs)
 
   monkeypatch.setattr(data_lib, "load", load)
   with pytest.raises(KeyboardInterrupt):
     run_lib.train_and_evaluate(tiny_config)
-  assert calls
+  assert dropped == [True]  # raised inside the callback, where Python dropped it
   assert not os.path.exists(os.path.join(tiny_config.workdir, "metrics.jsonl"))  # no step was trained
+
+
+def test_a_ctrl_c_once_the_run_is_tested_quits_at_once(tiny_config, monkeypatch):
+  """After the test only the last saves are waited for: a Ctrl-C there ends the command (status 130),
+  not a request to stop training that nothing would read any more."""
+  real_closing = run_lib._StopRequest.closing
+
+  def closing(self):
+    real_closing(self)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the run closes
+    for _ in range(10_000):  # (its handler runs in here)
+      pass
+
+  monkeypatch.setattr(run_lib._StopRequest, "closing", closing)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.train_and_evaluate(tiny_config)
+  assert os.path.exists(os.path.join(tiny_config.workdir, "test_metrics.json"))
 
 
 def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
@@ -555,14 +572,21 @@ def test_a_resumed_run_holds_one_state_and_tests_best_with_its_weights_alone(tin
       seen.append(("test", live_bytes() - before, nbytes(self.state), nbytes(self.state.params)))
     return real_evaluate(self, split, params)
 
+  made, restored = [], []  # fresh states made; whole states restored (not the weights alone)
+  real_init, real_restore = train_lib.init_state, checkpoint_lib.Checkpoints.restore
+  monkeypatch.setattr(train_lib, "init_state", lambda s: made.append(1) or real_init(s))
+  monkeypatch.setattr(checkpoint_lib.Checkpoints, "restore",
+                      lambda self, name, target: restored.append(name) or real_restore(self, name, target))
   monkeypatch.setattr(run_lib._Run, "train_epoch", train_epoch)
   monkeypatch.setattr(run_lib._Run, "evaluate", evaluate)
   tiny_config.training.epochs = 1
   before = live_bytes()
   run_lib.train_and_evaluate(tiny_config)
+  assert (made, restored) == ([1], [])
   tiny_config.training.epochs = 2
   before = live_bytes()
   run_lib.train_and_evaluate(tiny_config)
+  assert (made, restored) == ([1], ["last"])  # the resume made no fresh state, the test no whole `best`
   assert [what for what, *_ in seen] == ["epoch 1", "test", "epoch 2", "test"]
   for what, live, state, params in seen:
     # The state is its parameters, Adam's two moments and a few scalars; beside it the train split
@@ -694,6 +718,25 @@ def test_damaged_checkpoint_is_one_clear_error(tiny_config):
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"cannot be read .* Move it out of the way"):
     run_lib.train_and_evaluate(tiny_config)
   assert os.path.isdir(step_dir)  # nothing deleted
+
+
+def test_the_device_running_out_of_memory_in_a_restore_is_not_called_a_damaged_checkpoint(tiny_config, monkeypatch):
+  """A resume's restore is its state's first allocation on the devices: XLA's out-of-memory error
+  there reaches the command line as such ("make the work smaller"), not as "move the checkpoint
+  aside". (Injected: a CPU cannot run out of memory on cue.)"""
+  tiny_config.training.epochs = 1
+  run_lib.train_and_evaluate(tiny_config)
+  real = ocp.CheckpointManager.restore
+
+  def restore(self, step, args=None):
+    if "state" in args:  # the arrays; the metadata alone still reads
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00TiB.")
+    return real(self, step, args=args)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+  tiny_config.training.epochs = 2
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+    run_lib.train_and_evaluate(tiny_config)
 
 
 def test_incompatible_config_refuses_to_resume_and_fresh_keeps_the_old_run(tiny_config):
