@@ -1,7 +1,8 @@
 """Times jaxlm's training step, one JSON line per variant, comparable with the PyTorch baseline's
 `train.py --bench-steps` (same model, batch, sequence length and vocabulary; random tokens unless
 --tokens_npy is given). Model and state come from `train.setup` and `train.init_state`, as in a run:
-over every device, as config mesh.* lays them out (training.batch_size is the global batch; tokens/s are the mesh's).
+over every device, as config mesh.* lays them out (training.batch_size is the global batch; tokens/s
+are the mesh's).
 
 Variants (--modes):
   step   the jitted `train_step` on batches already on the device: the bare step

@@ -150,7 +150,7 @@ def _raw_cache_error(config: ml_collections.ConfigDict, error: BaseException) ->
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
       raw_dir = os.path.abspath(config.data.raw_dir)
-      if error.filename and not os.path.abspath(error.filename).startswith(raw_dir):
+      if error.filename and os.path.commonpath([raw_dir, os.path.abspath(error.filename)]) != raw_dir:
         return DataError(f"cannot write {error.filename} ({error.strerror}) while reading the data: free "
                          f"space there.")
       return DataError(f"cannot write the datasets cache in {config.data.raw_dir} ({error.strerror}). Point "

@@ -303,7 +303,6 @@ def test_a_ctrl_c_while_the_fresh_state_compiles_stops_the_run_once_the_compile_
   assert compiled and not os.path.exists(os.path.join(tiny_config.workdir, "checkpoints"))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, as Python says
 def test_a_ctrl_c_that_python_drops_while_the_data_is_prepared_still_stops_the_run(tiny_config, monkeypatch):
   """A Ctrl-C whose KeyboardInterrupt is raised inside a garbage collector's callback is printed as
   "Exception ignored" and dropped (seen in JAX's, while the data was tokenized): the run must not
