@@ -14,12 +14,14 @@ import gc
 import json
 
 import jax
-from absl import app
+from absl import flags
 from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py")
+flags.mark_flags_as_required(["config"])
 MB = 2 ** 20
 
 
@@ -53,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_flag="config")  # one `error:` line for a bad flag, config or corpus
