@@ -32,14 +32,17 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  sharding.initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
-  if jax.process_index() > 0:  # process 0 speaks for the run; errors still reach stderr
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   try:
+    sharding.initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    if jax.process_index() > 0:  # process 0 speaks for the run; errors still reach stderr
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     run.train_and_evaluate(_CONFIG.value, fresh=_FRESH.value)
-  except run.Interrupted as e:
+  except run.Interrupted as e:  # every process stops here together
     print(f"{e}; the checkpoint `last` holds it. Re-run the same command to resume.", flush=True)
     raise SystemExit(128 + e.signum) from None
+  except BaseException as e:  # this process alone (an error, a Ctrl-C while setting up): the others stop too
+    sharding.leave_run(e)
+    raise
 
 
 if __name__ == "__main__":

@@ -430,13 +430,13 @@ def _print_setup(s: _Setup) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
   """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
   summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
-  config_lib.validate(config)
-  config = _init_from(config)
-  config_lib.validate(config)
-  # A host's compile cache may be its own.
-  _same_on_every_process(json.dumps({**config.to_dict(), "compile_cache_dir": ""}, sort_keys=True), "settings")
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(_StopRequest())
+    config_lib.validate(config)
+    config = _init_from(config)
+    config_lib.validate(config)
+    # A host's compile cache may be its own.
+    _same_on_every_process(json.dumps({**config.to_dict(), "compile_cache_dir": ""}, sort_keys=True), "settings")
 
     def claim():  # the directory and its lock are process 0's
       if fresh:
@@ -463,8 +463,14 @@ class _Run:
   def __init__(self, setup: _Setup, resumed: dict | None, fresh: train_lib.TrainState | None,
                stop: _StopRequest, stack: contextlib.ExitStack):
     self.s, self.config, self.workdir, self.stop = setup, setup.config, setup.config.workdir, stop
-    self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
-    self.state, self.loop = self._resume(resumed, fresh)
+    # With several processes, orbax's barriers (opening the checkpoints, restoring) would wait minutes
+    # for one that stopped: the processes meet first, where one that has left stops the others, and
+    # a Ctrl-C is held until those barriers are passed.
+    if jax.process_count() > 1:
+      sharding_lib.gather_from_processes(np.int32(0))
+    with interrupt_after():
+      self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
+      self.state, self.loop = self._resume(resumed, fresh)
     self.tokenizer = setup.corpus.tokenizer()
     self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
     self.step = int(self.state.step)

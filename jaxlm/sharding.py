@@ -16,6 +16,7 @@ gradients of the `data` axis cross hosts.
 import itertools
 import json
 import os
+import signal
 
 import jax
 import ml_collections
@@ -23,7 +24,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm.cli import UsageError, UserError
+from jaxlm.cli import UsageError, UserError, interrupt_after
 
 DATA, FSDP = "data", "fsdp"
 BATCH = (DATA, FSDP)  # the batch axis is split over both mesh axes
@@ -124,6 +125,9 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
   if process_id in (None, 0):  # before stdout is left to process 0 alone: the others keep quiet already
     how = f"{num_processes} through {coordinator_address}" if all(explicit) else "as the cluster says"
     print(f"joining the run's processes ({how}; JAX waits up to 5 minutes for all of them)", flush=True)
+  # JAX waits in C++ for the others, where Python runs no signal handler: a Ctrl-C kills the process
+  # at once instead (nothing is written yet), not after the wait.
+  previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
   try:
     if all(explicit):
       jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -133,6 +137,10 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
     raise UserError(f"could not join the run's processes ({str(e).strip().splitlines()[0][:300]}): check that "
                     f"every process got the same --coordinator_address (host:port of process 0, reachable "
                     f"from all) and --num_processes, and its own --process_id") from None
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  with interrupt_after():  # the devices of every process, exchanged: one leaving half-way would hang the others
+    jax.devices()
   # Orbax's barriers are device collectives unless told to use the coordination service, as jaxlm's
   # own agreements do (`gather_from_processes`): one from its background save thread could run
   # beside a train step's collectives in another order on each process.
@@ -165,13 +173,40 @@ def gather_from_processes(values) -> np.ndarray:
 
 def _wait_for_key(client, key: str) -> str:
   """The key's value once another process sets it, however long that takes (process 0 may spend
-  minutes preparing the data); a process that dies ends the run through the coordination service."""
+  minutes preparing the data). Waits a second at a time: a Ctrl-C's handler runs only between two
+  waits, and a process that has left the run (`leave_run`) ends this one's wait too."""
   while True:
     try:
-      return client.blocking_key_value_get(key, 60_000)
+      return client.blocking_key_value_get(key, 1000)
     except jax.errors.JaxRuntimeError as e:
       if "DEADLINE_EXCEEDED" not in str(e):
         raise
+    left = {int(key.rpartition("/")[2]): why for key, why in client.key_value_dir_get(_LEFT)}
+    if left:
+      who = min(left)
+      raise UserError(f"process {who} left the run ({left[who]}); its output says more")
+
+
+_LEFT = "jaxlm/left/"  # process index -> why it left
+
+
+def leave_run(e: BaseException) -> None:
+  """Tells the other processes that this one is leaving the run early (`e`: an error, a Ctrl-C):
+  each stops at its next `gather_from_processes`, within a second, instead of waiting for this one
+  until JAX's 5-minute shutdown timeout aborts every process."""
+  client = jax._src.distributed.global_state.client
+  if client is None:  # one process, or not joined yet
+    return
+  if isinstance(e, KeyboardInterrupt):
+    why = "interrupted by SIGINT"
+  elif isinstance(e, SystemExit) and e.code in {128 + s for s in signal.Signals}:  # (_StopRequest's)
+    why = f"stopped by {signal.Signals(e.code - 128).name}"
+  else:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+  try:
+    client.key_value_set(f"{_LEFT}{jax.process_index()}", why)
+  except Exception:  # noqa: BLE001  (the service is gone: the others learn it from JAX)
+    pass
 
 
 def check_fits(abstract_state, shardings, mesh: Mesh) -> None:

@@ -17,6 +17,8 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
   tbfull:K        the K-th TensorBoard write of scalars fails: no space left on the device
   dropsigint:P    process P (its --process_id; 0 in a run of one process) gets a SIGINT while it loads
                   the data, which Python drops (drop_a_sigint)
+  setupsigint:P:W process P gets a SIGINT while it sets up: as it starts compiling (W = compile) or
+                  restoring `last` (W = restore)
 The faults are monkeypatches in this process only: jaxlm has no hooks for them.
 """
 import errno
@@ -164,16 +166,25 @@ def install(fault: str) -> None:
     else:
       at_step(int(args[0]), lambda: (interrupt(), later(float(args[1]), interrupt)))
   elif kind == "dropsigint":
-    process_id = next((a.split("=")[1] for a in sys.argv if a.startswith("--process_id=")), "0")
-    if process_id == args[0]:
+    if this_process() == args[0]:
       on_call(data_lib, "load", 1, lambda: drop_a_sigint() or sys.exit("the SIGINT was not dropped"),
               before=True)
+  elif kind == "setupsigint":
+    if this_process() == args[0]:
+      interrupt = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+      owner, attribute = {"compile": (train_lib, "setup"), "restore": (checkpoint_lib.Checkpoints, "restore")}[args[1]]
+      on_call(owner, attribute, 1, interrupt, before=True)
   elif kind == "tbfull":
     def full():
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     on_call(metrics_lib.TensorBoard, "scalars", int(args[0]), full, before=True)
   else:
     raise SystemExit(f"unknown fault {fault!r}")
+
+
+def this_process() -> str:
+  """This process's --process_id ("0" in a run of one process)."""
+  return next((a.split("=")[1] for a in sys.argv if a.startswith("--process_id=")), "0")
 
 
 def force_wait(name: str) -> None:

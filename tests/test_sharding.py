@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -83,6 +84,20 @@ def start_two_processes(args, env, extra=((), ())):
                            text=True) for i in range(2)]
 
 
+def finish(procs, timeout: float = 120) -> list[tuple[str, str]]:
+  """(stdout, stderr) of each process once all have ended; a hang kills them all and fails the test
+  with what they wrote (not leaving them to JAX's timeouts)."""
+  deadline = time.monotonic() + timeout
+  try:
+    return [p.communicate(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    outs = [p.communicate() for p in procs]
+    pytest.fail(f"the processes were still running after {timeout} s:\n" +
+                "\n".join(f"process {i}:\n{out[-2000:]}\n{err[-2000:]}" for i, (out, err) in enumerate(outs)))
+
+
 @pytest.fixture
 def reference(tiny_config):
   """The run on this process's one device: what every layout must reproduce."""
@@ -124,7 +139,7 @@ def test_two_processes_train_checkpoint_and_resume_as_one_device(reference, tmp_
     args = child_args(config, workdir, "--config.mesh.fsdp=2", f"--config.training.epochs={epochs}",
                       "--config.training.checkpoint_every_steps=7")
     procs = start_two_processes(args, devices_env(2))
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = finish(procs, timeout=300)
     for p, (out, err) in zip(procs, outs):
       assert p.returncode == 0, out[-3000:] + err[-3000:]
     assert "training on 4 x cpu (cpu) in 2 process(es), mesh data 2 x fsdp 2" in outs[0][0]
@@ -139,7 +154,7 @@ def test_a_failure_on_process_0_stops_both_processes_at_once(tiny_config, tmp_pa
   5-minute shutdown timeout), each with one line."""
   procs = start_two_processes(child_args(tiny_config, tmp_path / "run", f"--config.data.data_dir={tmp_path / 'none'}"),
                               devices_env(2))
-  outs = [p.communicate(timeout=120) for p in procs]
+  outs = finish(procs)
   assert [p.returncode for p in procs] == [1, 1]
   assert f"error: data.data_dir '{tmp_path / 'none'}' is not a directory" in outs[0][1]
   assert "error: process 0 failed while preparing the data: its output says why" in outs[1][1]
@@ -150,7 +165,7 @@ def test_processes_started_with_other_settings_stop_before_any_work(tiny_config,
   copies drift apart, and `best` is not the model that was validated."""
   procs = start_two_processes(child_args(tiny_config, tmp_path / "run"), devices_env(1),
                               extra=((), ("--config.training.learning_rate=0.03",)))
-  outs = [p.communicate(timeout=120) for p in procs]
+  outs = finish(procs)
   assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
   for _, err in outs:
     assert err.strip().splitlines()[-1] == ("error: the processes have different settings: process(es) 1 differ "
@@ -165,7 +180,7 @@ def test_a_failed_write_on_process_0_stops_both_processes_at_the_next_log_line(t
   args = child_args(tiny_config, tmp_path / "run")
   fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "tbfull:2", *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
-  outs = [p.communicate(timeout=120) for p in procs]
+  outs = finish(procs)
   assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert outs[0][1].strip().splitlines()[-1] == "error: No space left on device"
   assert outs[1][1].strip().splitlines()[-1] == ("error: process 0 could not write the run's metrics: its output "
@@ -181,7 +196,7 @@ def test_ctrl_c_on_one_process_stops_both_and_saves(tiny_config, tmp_path):
     if line.startswith("epoch 2/"):
       procs[1].send_signal(signal.SIGINT)
       break
-  outs = [p.communicate(timeout=120) for p in procs]
+  outs = finish(procs)
   assert [p.returncode for p in procs] == [130, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
   stopped = re.search(r"interrupted by SIGINT at step (\d+)", outs[0][0])
   assert stopped, outs[0][0][-2000:]
@@ -196,11 +211,33 @@ def test_a_ctrl_c_that_python_drops_on_one_process_while_setting_up_stops_both_a
   args = child_args(tiny_config, tmp_path / "run")
   fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "dropsigint:1", *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
-  outs = [p.communicate(timeout=120) for p in procs]
+  outs = finish(procs)
   assert [p.returncode for p in procs] == [130, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
   step = tiny_config.training.log_every_steps
   assert f"interrupted by SIGINT at step {step}; the checkpoint `last` holds it" in outs[0][0], outs[0][0][-2000:]
   assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == step
+
+
+@pytest.mark.parametrize("where", ["compile", "restore"])
+def test_a_ctrl_c_on_one_process_while_setting_up_stops_both_at_once(tiny_config, tmp_path, where):
+  """Process 1 stops on a Ctrl-C before training; process 0 learns it at its next meeting with the
+  others and stops too, with one line, instead of waiting in one of orbax's barriers (opening the
+  checkpoints, restoring) until JAX's 5-minute shutdown timeout aborts both."""
+  args = child_args(tiny_config, tmp_path / "run")
+  if where == "restore":  # a checkpoint to resume: one epoch, on this process's one device
+    config = wider(tiny_config)
+    config.training.epochs = 1
+    run_lib.train_and_evaluate(config)
+  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), f"setupsigint:1:{where}",
+           *args[4:]]
+  procs = start_two_processes(fault, devices_env(2))
+  outs = finish(procs)
+  assert [p.returncode for p in procs] == [1, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert outs[0][1].strip().splitlines()[-1] == ("error: process 1 left the run (interrupted by SIGINT); its output "
+                                                 "says more")
+  assert outs[1][1].strip().splitlines()[-1] == "interrupted; what was already saved is intact"
+  if where == "restore":  # `last` is the first run's, untouched
+    assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == 20
 
 
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
