@@ -40,6 +40,13 @@ def main(argv):
   except run.Interrupted as e:  # every process stops here together
     print(f"{e}; the checkpoint `last` holds it. Re-run the same command to resume.", flush=True)
     raise SystemExit(128 + e.signum) from None
+  except run.LeftWhileTraining as e:
+    # The run's files are closed by now, but Python's teardown would wait forever for the steps on
+    # the devices that wait for the process that left: leave the processes' group, then end at once.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    jax.distributed.shutdown()
+    os._exit(1)
   except BaseException as e:  # this process alone (an error, a Ctrl-C while setting up): the others stop too
     sharding.leave_run(e)
     raise

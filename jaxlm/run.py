@@ -53,6 +53,11 @@ class Interrupted(Exception):
     self.signum = signum
 
 
+class LeftWhileTraining(sharding_lib.ProcessLeft):
+  """Another process left while this one trained: this one's devices may hold steps whose
+  collectives wait for that process forever (main ends the command without Python's teardown)."""
+
+
 @dataclasses.dataclass
 class LoopState:
   """What the epoch loop carries besides the TrainState; saved as checkpoint metadata."""
@@ -427,6 +432,14 @@ def _print_setup(s: _Setup) -> None:
         + ("; the windows start at a new offset every epoch" if s.config.data.shift_windows else ""), flush=True)
 
 
+def _held_if_several_processes():
+  """With several processes, a Ctrl-C is held over orbax's barriers (reading checkpoints, opening
+  them, restoring): one process leaving there would leave the others waiting in the barrier for
+  minutes. (Before the barriers of the setup the processes meet, where one that has left stops the
+  others.) With one process, a Ctrl-C stops it at once, as anywhere in the setup."""
+  return interrupt_after() if jax.process_count() > 1 else contextlib.nullcontext()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
   """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
   summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
@@ -446,7 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
       stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
 
     _primary_first(claim, f"claiming the work directory {config.workdir}")
-    resumed = _resumable_meta(config.workdir)
+    with _held_if_several_processes():
+      resumed = _resumable_meta(config.workdir)
     setup = _setup(config, resumed)
     _print_setup(setup)
     run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack)
@@ -463,12 +477,9 @@ class _Run:
   def __init__(self, setup: _Setup, resumed: dict | None, fresh: train_lib.TrainState | None,
                stop: _StopRequest, stack: contextlib.ExitStack):
     self.s, self.config, self.workdir, self.stop = setup, setup.config, setup.config.workdir, stop
-    # With several processes, orbax's barriers (opening the checkpoints, restoring) would wait minutes
-    # for one that stopped: the processes meet first, where one that has left stops the others, and
-    # a Ctrl-C is held until those barriers are passed.
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:  # (see _held_if_several_processes)
       sharding_lib.gather_from_processes(np.int32(0))
-    with interrupt_after():
+    with _held_if_several_processes():
       self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
       self.state, self.loop = self._resume(resumed, fresh)
     self.tokenizer = setup.corpus.tokenizer()
@@ -616,7 +627,11 @@ class _Run:
     if jax.process_count() == 1:
       return signum, late
     error = next((w.error for w in (self.jsonl, self.tb) if isinstance(w, _FailLater) and w.error), None)
-    seen = sharding_lib.gather_from_processes(np.array([signum or 0, late, error is not None], np.int32)).max(axis=0)
+    try:
+      seen = sharding_lib.gather_from_processes(np.array([signum or 0, late, error is not None], np.int32))
+    except sharding_lib.ProcessLeft as e:
+      raise LeftWhileTraining(str(e)) from None
+    seen = seen.max(axis=0)
     if error is not None:
       raise error
     if seen[2]:

@@ -152,6 +152,7 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
 # Numbers the rounds of `gather_from_processes`: every process counts the same rounds in the same
 # order (one per call), so round n's keys in the coordination service meet across processes.
 _ROUNDS = itertools.count()
+_LEFT = "jaxlm/left/"  # + a process's index -> why it left the run (`leave_run`)
 
 
 def gather_from_processes(values) -> np.ndarray:
@@ -171,6 +172,10 @@ def gather_from_processes(values) -> np.ndarray:
   return np.array(got, values.dtype)
 
 
+class ProcessLeft(UserError):
+  """Another process of the run has left it (`leave_run`)."""
+
+
 def _wait_for_key(client, key: str) -> str:
   """The key's value once another process sets it, however long that takes (process 0 may spend
   minutes preparing the data). Waits a second at a time: a Ctrl-C's handler runs only between two
@@ -181,13 +186,17 @@ def _wait_for_key(client, key: str) -> str:
     except jax.errors.JaxRuntimeError as e:
       if "DEADLINE_EXCEEDED" not in str(e):
         raise
-    left = {int(key.rpartition("/")[2]): why for key, why in client.key_value_dir_get(_LEFT)}
+    left = {int(k.rpartition("/")[2]): why for k, why in client.key_value_dir_get(_LEFT)}
     if left:
+      # A process sets its key of a round before it can leave after that round: one that left after
+      # setting this key (e.g. on an error every process raises) did not leave this round.
+      try:
+        return client.key_value_try_get(key)
+      except jax.errors.JaxRuntimeError as e:
+        if "NOT_FOUND" not in str(e):
+          raise
       who = min(left)
-      raise UserError(f"process {who} left the run ({left[who]}); its output says more")
-
-
-_LEFT = "jaxlm/left/"  # process index -> why it left
+      raise ProcessLeft(f"process {who} left the run ({left[who]}); its output says more")
 
 
 def leave_run(e: BaseException) -> None:

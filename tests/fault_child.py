@@ -15,6 +15,7 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
   sigint:N        SIGINT at step N, and a second SIGINT while the checkpoint it asks for is being saved
   sigint:N:D      SIGINT at step N, and a second one D seconds later
   tbfull:K        the K-th TensorBoard write of scalars fails: no space left on the device
+  fail:P:N        process P fails alone (an input/output error) right after dispatching step N
   dropsigint:P    process P (its --process_id; 0 in a run of one process) gets a SIGINT while it loads
                   the data, which Python drops (drop_a_sigint)
   setupsigint:P:W process P gets a SIGINT while it sets up: as it starts compiling (W = compile) or
@@ -174,6 +175,11 @@ def install(fault: str) -> None:
       interrupt = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
       owner, attribute = {"compile": (train_lib, "setup"), "restore": (checkpoint_lib.Checkpoints, "restore")}[args[1]]
       on_call(owner, attribute, 1, interrupt, before=True)
+  elif kind == "fail":
+    if this_process() == args[0]:
+      def fail():
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+      at_step(int(args[1]), fail)
   elif kind == "tbfull":
     def full():
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -228,16 +228,32 @@ def test_a_ctrl_c_on_one_process_while_setting_up_stops_both_at_once(tiny_config
     config = wider(tiny_config)
     config.training.epochs = 1
     run_lib.train_and_evaluate(config)
+    saved = checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last")
   fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), f"setupsigint:1:{where}",
            *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
-  outs = finish(procs)
+  outs = finish(procs, timeout=60)  # (about 10 s; orbax's barriers wait 300)
   assert [p.returncode for p in procs] == [1, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert outs[0][1].strip().splitlines()[-1] == ("error: process 1 left the run (interrupted by SIGINT); its output "
                                                  "says more")
   assert outs[1][1].strip().splitlines()[-1] == "interrupted; what was already saved is intact"
   if where == "restore":  # `last` is the first run's, untouched
-    assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == 20
+    assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == saved
+
+
+def test_a_process_failing_alone_while_training_stops_the_other_at_the_next_log_line(tiny_config, tmp_path):
+  """Process 1 fails at step 12; process 0, whose devices already hold steps that wait for process
+  1's collectives, stops at the step-15 log line with one line and ends at once (Python's teardown
+  would wait for those steps forever)."""
+  args = child_args(tiny_config, tmp_path / "run")
+  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "fail:1:12", *args[4:]]
+  procs = start_two_processes(fault, devices_env(2))
+  outs = finish(procs, timeout=60)
+  assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert "epoch 1/2 step 10/40" in outs[0][0] and "step 15/40" not in outs[0][0]
+  assert outs[0][1].strip().splitlines()[-1] == ("error: process 1 left the run ([Errno 5] Input/output error); "
+                                                 "its output says more")
+  assert outs[1][1].strip().splitlines()[-1] == "error: Input/output error"
 
 
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
