@@ -40,17 +40,20 @@ def main(argv):
   except run.Interrupted as e:  # every process stops here together
     print(f"{e}; the checkpoint `last` holds it. Re-run the same command to resume.", flush=True)
     raise SystemExit(128 + e.signum) from None
-  except run.LeftWhileTraining as e:
-    # The run's files are closed by now, but Python's teardown would wait forever for the steps on
-    # the devices that wait for the process that left: leave the processes' group, then end at once.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    jax.distributed.shutdown()
-    os._exit(1)
   except BaseException as e:  # this process alone (an error, a Ctrl-C while setting up): the others stop too
     sharding.leave_run(e)
     raise
 
 
+def command() -> None:
+  """`python -m jaxlm.main`: `main` with the command line's one-line errors, ending without Python's
+  teardown in a process that left a run of several processes early (`sharding.end_if_left`)."""
+  try:
+    cli.run(main, config_flag="config")
+  except BaseException as e:
+    sharding.end_if_left(e)
+    raise
+
+
 if __name__ == "__main__":
-  cli.run(main, config_flag="config")
+  command()

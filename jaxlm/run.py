@@ -53,11 +53,6 @@ class Interrupted(Exception):
     self.signum = signum
 
 
-class LeftWhileTraining(sharding_lib.ProcessLeft):
-  """Another process left while this one trained: this one's devices may hold steps whose
-  collectives wait for that process forever (main ends the command without Python's teardown)."""
-
-
 @dataclasses.dataclass
 class LoopState:
   """What the epoch loop carries besides the TrainState; saved as checkpoint metadata."""
@@ -161,13 +156,9 @@ class _StopRequest:
 
   def training(self) -> None:
     """From here on a signal asks for a stop at the next step boundary. A Ctrl-C during the setup
-    that Python dropped stops the run here, before any step; with several processes it stays a
-    stop request, which they all agree on at the first log line (one process leaving alone would
-    leave the others waiting)."""
+    that Python dropped stops the run here, before any step, as one it had not dropped would."""
     if self.signum is not None:
-      if jax.process_count() == 1:
-        raise KeyboardInterrupt
-      _say(f"\n{signal.Signals(self.signum).name}: stopping at the first log line, and saving a checkpoint\n")
+      raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, self._handle)
     self._phase = "training"
 
@@ -243,23 +234,13 @@ def _same_on_every_process(value: str, what: str) -> None:
                     f"process 0. Start every process with the same command (config and flags) and data.")
 
 
-def _primary_first(fn: Callable[[], Any], what: str) -> Any:
+def _primary_first(fn: Callable[[], Any]) -> Any:
   """fn() on process 0 while the others wait for it (they get None): work that must be done once,
-  e.g. writing the data cache. When it fails, every process stops at once, with process 0's error
-  there and a pointer to it elsewhere, instead of waiting for a process that is gone."""
-  if jax.process_count() == 1:
-    return fn()
-  result = error = None
-  if _primary():
-    try:
-      result = fn()
-    except BaseException as e:  # a Ctrl-C too: re-raised below, once the others know
-      error = e
-  failed = sharding_lib.gather_from_processes(np.int32(error is not None)).max()  # everyone waits here
-  if error is not None:
-    raise error
-  if failed:
-    raise UserError(f"process 0 failed while {what}: its output says why")
+  e.g. writing the data cache. When it fails, process 0 leaves the run, which ends the others too
+  (`sharding_lib.leave_run`)."""
+  result = fn() if _primary() else None
+  if jax.process_count() > 1:
+    sharding_lib.gather_from_processes(np.int32(0))  # everyone waits here
   return result
 
 
@@ -274,26 +255,6 @@ class _Discard:
 
   def __getattr__(self, name):
     return lambda *args, **kwargs: None
-
-
-class _FailLater:
-  """Process 0's writer in a multi-process run: a write that fails (a full disk) is kept, and the
-  writer writes no more, until the processes next compare notes (`_Run.agreed`), where all of them
-  stop together. Raised at once, process 0 would leave the others waiting in a collective."""
-
-  def __init__(self, writer):
-    self.writer, self.error = writer, None
-
-  def __getattr__(self, name):
-    method = getattr(self.writer, name)
-
-    def call(*args, **kwargs):
-      if self.error is None:
-        try:
-          method(*args, **kwargs)
-        except OSError as e:
-          self.error = e
-    return call
 
 
 class _SaveTimer:
@@ -391,7 +352,7 @@ def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
 
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
   # make the same one themselves).
-  corpus = _primary_first(prepare, "preparing the data")
+  corpus = _primary_first(prepare)
   if corpus is None:
     corpus = data_lib.load(config)
   _same_on_every_process(data_lib.fingerprint(os.path.basename(corpus.path)), "data (the tokenized corpus)")
@@ -432,14 +393,6 @@ def _print_setup(s: _Setup) -> None:
         + ("; the windows start at a new offset every epoch" if s.config.data.shift_windows else ""), flush=True)
 
 
-def _held_if_several_processes():
-  """With several processes, a Ctrl-C is held over orbax's barriers (reading checkpoints, opening
-  them, restoring): one process leaving there would leave the others waiting in the barrier for
-  minutes. (Before the barriers of the setup the processes meet, where one that has left stops the
-  others.) With one process, a Ctrl-C stops it at once, as anywhere in the setup."""
-  return interrupt_after() if jax.process_count() > 1 else contextlib.nullcontext()
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
   """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
   summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
@@ -458,9 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
       stack.callback(workdir_lib.remove_if_unused, config.workdir, made)
       stack.enter_context(workdir_lib.Lock(config.workdir))  # before any work: a second run stops at once
 
-    _primary_first(claim, f"claiming the work directory {config.workdir}")
-    with _held_if_several_processes():
-      resumed = _resumable_meta(config.workdir)
+    _primary_first(claim)
+    resumed = _resumable_meta(config.workdir)
     setup = _setup(config, resumed)
     _print_setup(setup)
     run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack)
@@ -477,11 +429,8 @@ class _Run:
   def __init__(self, setup: _Setup, resumed: dict | None, fresh: train_lib.TrainState | None,
                stop: _StopRequest, stack: contextlib.ExitStack):
     self.s, self.config, self.workdir, self.stop = setup, setup.config, setup.config.workdir, stop
-    if jax.process_count() > 1:  # (see _held_if_several_processes)
-      sharding_lib.gather_from_processes(np.int32(0))
-    with _held_if_several_processes():
-      self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
-      self.state, self.loop = self._resume(resumed, fresh)
+    self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
+    self.state, self.loop = self._resume(resumed, fresh)
     self.tokenizer = setup.corpus.tokenizer()
     self.end_id = self.tokenizer.token_to_id(data_lib.END_OF_TEXT)
     self.step = int(self.state.step)
@@ -496,10 +445,8 @@ class _Run:
                                            keep_epochs_up_to=self.loop.epoch)
       self.tb = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"), resume_step=self.step)
       stack.callback(self.tb.close)
-      if jax.process_count() > 1:
-        self.jsonl, self.tb = _FailLater(self.jsonl), _FailLater(self.tb)
 
-    _primary_first(open_files, f"writing the run's files in {self.workdir}")
+    _primary_first(open_files)
     t, ts = self.config.training, setup.train
     self.progress = metrics_lib.Progress(setup.total_steps, t.batch_size * self.config.data.seq_length,
                                          ts.flops_per_token, ts.peak_flops)
@@ -626,16 +573,7 @@ class _Run:
     signum = self.stop.signum
     if jax.process_count() == 1:
       return signum, late
-    error = next((w.error for w in (self.jsonl, self.tb) if isinstance(w, _FailLater) and w.error), None)
-    try:
-      seen = sharding_lib.gather_from_processes(np.array([signum or 0, late, error is not None], np.int32))
-    except sharding_lib.ProcessLeft as e:
-      raise LeftWhileTraining(str(e)) from None
-    seen = seen.max(axis=0)
-    if error is not None:
-      raise error
-    if seen[2]:
-      raise UserError("process 0 could not write the run's metrics: its output says why")
+    seen = sharding_lib.gather_from_processes(np.array([signum or 0, late], np.int32)).max(axis=0)
     if seen[0] and signum is None:
       self.stop.signum = int(seen[0])  # another process's signal stops this one too
     return int(seen[0]) or None, bool(seen[1])

@@ -17,6 +17,10 @@ import itertools
 import json
 import os
 import signal
+import sys
+import threading
+import time
+import traceback
 
 import jax
 import ml_collections
@@ -139,6 +143,8 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
                     f"from all) and --num_processes, and its own --process_id") from None
   finally:
     signal.signal(signal.SIGINT, previous)
+  threading.Thread(target=_watch_departures, args=(jax._src.distributed.global_state.client, jax.process_index()),
+                   name="jaxlm-departures", daemon=True).start()
   with interrupt_after():  # the devices of every process, exchanged: one leaving half-way would hang the others
     jax.devices()
   # Orbax's barriers are device collectives unless told to use the coordination service, as jaxlm's
@@ -172,37 +178,63 @@ def gather_from_processes(values) -> np.ndarray:
   return np.array(got, values.dtype)
 
 
-class ProcessLeft(UserError):
-  """Another process of the run has left it (`leave_run`)."""
-
-
 def _wait_for_key(client, key: str) -> str:
   """The key's value once another process sets it, however long that takes (process 0 may spend
-  minutes preparing the data). Waits a second at a time: a Ctrl-C's handler runs only between two
-  waits, and a process that has left the run (`leave_run`) ends this one's wait too."""
+  minutes preparing the data). Waits a second at a time, so that a Ctrl-C's handler runs between two
+  waits. (A process that left the run ends this one's wait through `_watch_departures`.)"""
   while True:
     try:
       return client.blocking_key_value_get(key, 1000)
     except jax.errors.JaxRuntimeError as e:
       if "DEADLINE_EXCEEDED" not in str(e):
         raise
-    left = {int(k.rpartition("/")[2]): why for k, why in client.key_value_dir_get(_LEFT)}
-    if left:
-      # A process sets its key of a round before it can leave after that round: one that left after
-      # setting this key (e.g. on an error every process raises) did not leave this round.
-      try:
-        return client.key_value_try_get(key)
-      except jax.errors.JaxRuntimeError as e:
-        if "NOT_FOUND" not in str(e):
-          raise
-      who = min(left)
-      raise ProcessLeft(f"process {who} left the run ({left[who]}); its output says more")
+
+
+# Taken, and kept, by whichever ends this process first when a process leaves the run early: its own
+# leaving (`leave_run`) or another's (`_watch_departures`), so that the process ends with one message.
+_ENDING = threading.Lock()
+
+
+def _watch_departures(client, me: int) -> None:
+  """Runs in a thread of every process of a multi-process run: ends this process within a second or
+  two of another one leaving the run (`leave_run`), whatever its main thread waits on then (a round
+  of `gather_from_processes`, one of orbax's barriers, or the devices, whose steps wait for the
+  collectives of a process that will not run them: a CPU's dispatch, or a full queue, blocks the host
+  there too, and Python's teardown would wait for them for ever)."""
+  while True:
+    time.sleep(1)
+    try:
+      left = {int(k.rpartition("/")[2]): why for k, why in client.key_value_dir_get(_LEFT)}
+    except Exception:  # noqa: BLE001  (the service is gone: the run ended, or JAX says what happened)
+      return
+    others = {p: why for p, why in left.items() if p != me}
+    if not others:
+      continue
+    if not _ENDING.acquire(blocking=False):  # this process is leaving too, with its own message
+      return
+    who = min(others)
+    print(f"error: process {who} left the run ({others[who]}); its output says more", file=sys.stderr, flush=True)
+    _end_now(1)
+
+
+def _end_now(status: int) -> None:
+  """Ends a process of a run that some process left early: JAX's exit barrier with the others (where
+  the one that left waits for those that learn it, and they for it), then the exit without Python's
+  teardown, which waits for the device's threads, stuck in collectives with processes that are gone
+  (for ever on a CPU, measured), or aborts."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    jax.distributed.shutdown()
+  finally:
+    os._exit(status)
 
 
 def leave_run(e: BaseException) -> None:
   """Tells the other processes that this one is leaving the run early (`e`: an error, a Ctrl-C):
-  each stops at its next `gather_from_processes`, within a second, instead of waiting for this one
-  until JAX's 5-minute shutdown timeout aborts every process."""
+  each ends within a second or two (`_watch_departures`), instead of waiting for this one until one
+  of JAX's or orbax's 5-minute timeouts aborts every process."""
+  _ENDING.acquire()  # held for good; blocks for good if `_watch_departures` is ending the process
   client = jax._src.distributed.global_state.client
   if client is None:  # one process, or not joined yet
     return
@@ -216,6 +248,21 @@ def leave_run(e: BaseException) -> None:
     client.key_value_set(f"{_LEFT}{jax.process_index()}", why)
   except Exception:  # noqa: BLE001  (the service is gone: the others learn it from JAX)
     pass
+
+
+def end_if_left(e: BaseException) -> None:
+  """Ends this process now, as `e` (how the command ended: a SystemExit, or an exception whose
+  traceback Python would print) would, if it left a run of several processes early (`leave_run`);
+  otherwise returns."""
+  if jax._src.distributed.global_state.client is None or not _ENDING.locked():
+    return
+  if not isinstance(e, SystemExit):
+    traceback.print_exception(e)
+    _end_now(1)
+  if e.code is None or isinstance(e.code, int):
+    _end_now(e.code or 0)
+  print(e.code, file=sys.stderr)
+  _end_now(1)
 
 
 def check_fits(abstract_state, shardings, mesh: Mesh) -> None:

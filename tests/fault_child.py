@@ -20,6 +20,7 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
                   the data, which Python drops (drop_a_sigint)
   setupsigint:P:W process P gets a SIGINT while it sets up: as it starts compiling (W = compile) or
                   restoring `last` (W = restore)
+  setupfail:P:W   process P fails alone (an input/output error) there instead
 The faults are monkeypatches in this process only: jaxlm has no hooks for them.
 """
 import errno
@@ -32,7 +33,6 @@ import threading
 import orbax.checkpoint as ocp
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
@@ -170,15 +170,13 @@ def install(fault: str) -> None:
     if this_process() == args[0]:
       on_call(data_lib, "load", 1, lambda: drop_a_sigint() or sys.exit("the SIGINT was not dropped"),
               before=True)
-  elif kind == "setupsigint":
+  elif kind in ("setupsigint", "setupfail"):
     if this_process() == args[0]:
-      interrupt = lambda: os.kill(os.getpid(), signal.SIGINT)  # noqa: E731
+      action = (lambda: os.kill(os.getpid(), signal.SIGINT)) if kind == "setupsigint" else fail
       owner, attribute = {"compile": (train_lib, "setup"), "restore": (checkpoint_lib.Checkpoints, "restore")}[args[1]]
-      on_call(owner, attribute, 1, interrupt, before=True)
+      on_call(owner, attribute, 1, action, before=True)
   elif kind == "fail":
     if this_process() == args[0]:
-      def fail():
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
       at_step(int(args[1]), fail)
   elif kind == "tbfull":
     def full():
@@ -186,6 +184,10 @@ def install(fault: str) -> None:
     on_call(metrics_lib.TensorBoard, "scalars", int(args[0]), full, before=True)
   else:
     raise SystemExit(f"unknown fault {fault!r}")
+
+
+def fail() -> None:
+  raise OSError(errno.EIO, os.strerror(errno.EIO))
 
 
 def this_process() -> str:
@@ -207,4 +209,4 @@ def force_wait(name: str) -> None:
 if __name__ == "__main__":
   install(sys.argv[1])
   sys.argv = ["jaxlm.main"] + sys.argv[2:]
-  cli.run(main_lib.main, config_flag="config")
+  main_lib.command()

@@ -156,8 +156,10 @@ def test_a_failure_on_process_0_stops_both_processes_at_once(tiny_config, tmp_pa
                               devices_env(2))
   outs = finish(procs)
   assert [p.returncode for p in procs] == [1, 1]
-  assert f"error: data.data_dir '{tmp_path / 'none'}' is not a directory" in outs[0][1]
-  assert "error: process 0 failed while preparing the data: its output says why" in outs[1][1]
+  missing = f"data.data_dir '{tmp_path / 'none'}' is not a directory"
+  assert outs[0][1].strip().splitlines()[-1].startswith(f"error: {missing}. Point --config.data.data_dir at")
+  last = outs[1][1].strip().splitlines()[-1]
+  assert last.startswith(f"error: process 0 left the run ({missing}") and last.endswith("); its output says more")
 
 
 def test_processes_started_with_other_settings_stop_before_any_work(tiny_config, tmp_path):
@@ -174,17 +176,17 @@ def test_processes_started_with_other_settings_stop_before_any_work(tiny_config,
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_a_failed_write_on_process_0_stops_both_processes_at_the_next_log_line(tiny_config, tmp_path):
+def test_a_failed_write_on_process_0_stops_both_processes_at_once(tiny_config, tmp_path):
   """Only process 0 writes TensorBoard; when its disk is full, both processes stop with one line each
-  at the next log boundary (not by JAX's heartbeat timeout, a minute or more later)."""
+  (not by JAX's heartbeat timeout, a minute or more later)."""
   args = child_args(tiny_config, tmp_path / "run")
   fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "tbfull:2", *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
   outs = finish(procs)
   assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert outs[0][1].strip().splitlines()[-1] == "error: No space left on device"
-  assert outs[1][1].strip().splitlines()[-1] == ("error: process 0 could not write the run's metrics: its output "
-                                                 "says why")
+  assert outs[1][1].strip().splitlines()[-1] == ("error: process 0 left the run ([Errno 28] No space left on device); "
+                                                 "its output says more")
 
 
 def test_ctrl_c_on_one_process_stops_both_and_saves(tiny_config, tmp_path):
@@ -205,55 +207,63 @@ def test_ctrl_c_on_one_process_stops_both_and_saves(tiny_config, tmp_path):
   assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == step
 
 
-def test_a_ctrl_c_that_python_drops_on_one_process_while_setting_up_stops_both_and_saves(tiny_config, tmp_path):
+def test_a_ctrl_c_that_python_drops_on_one_process_while_setting_up_stops_both(tiny_config, tmp_path):
   """Process 1's SIGINT, raised inside a garbage collector's callback while it loads the data, is
-  dropped by Python: it still stops both processes, together, at the first log line."""
+  dropped by Python: it still stops process 1 before its first step, as a Ctrl-C it had not
+  dropped would, and process 0 with it."""
   args = child_args(tiny_config, tmp_path / "run")
   fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "dropsigint:1", *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
-  outs = finish(procs)
-  assert [p.returncode for p in procs] == [130, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
-  step = tiny_config.training.log_every_steps
-  assert f"interrupted by SIGINT at step {step}; the checkpoint `last` holds it" in outs[0][0], outs[0][0][-2000:]
-  assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == step
+  outs = finish(procs, timeout=60)
+  assert [p.returncode for p in procs] == [1, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert "step 5/" not in outs[0][0]
+  assert outs[0][1].strip().splitlines()[-1] == ("error: process 1 left the run (interrupted by SIGINT); its output "
+                                                 "says more")
+  assert outs[1][1].strip().splitlines()[-1] == "interrupted; what was already saved is intact"
 
 
+@pytest.mark.parametrize("how", ["sigint", "fail"])
 @pytest.mark.parametrize("where", ["compile", "restore"])
-def test_a_ctrl_c_on_one_process_while_setting_up_stops_both_at_once(tiny_config, tmp_path, where):
-  """Process 1 stops on a Ctrl-C before training; process 0 learns it at its next meeting with the
-  others and stops too, with one line, instead of waiting in one of orbax's barriers (opening the
-  checkpoints, restoring) until JAX's 5-minute shutdown timeout aborts both."""
+def test_a_process_stopping_alone_while_setting_up_stops_the_other_at_once(tiny_config, tmp_path, where, how):
+  """Process 1 stops on a Ctrl-C or fails before training, as it starts compiling or restoring
+  `last`; process 0, by then inside one of orbax's barriers (opening the checkpoints, restoring) or
+  waiting for process 1 to agree, ends within seconds with one line, instead of waiting there until
+  JAX's or orbax's 5-minute timeouts abort both."""
   args = child_args(tiny_config, tmp_path / "run")
   if where == "restore":  # a checkpoint to resume: one epoch, on this process's one device
     config = wider(tiny_config)
     config.training.epochs = 1
     run_lib.train_and_evaluate(config)
     saved = checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last")
-  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), f"setupsigint:1:{where}",
+  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), f"setup{how}:1:{where}",
            *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
   outs = finish(procs, timeout=60)  # (about 10 s; orbax's barriers wait 300)
-  assert [p.returncode for p in procs] == [1, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
-  assert outs[0][1].strip().splitlines()[-1] == ("error: process 1 left the run (interrupted by SIGINT); its output "
-                                                 "says more")
-  assert outs[1][1].strip().splitlines()[-1] == "interrupted; what was already saved is intact"
+  why, last = {"sigint": ("interrupted by SIGINT", "interrupted; what was already saved is intact"),
+               "fail": ("[Errno 5] Input/output error", "error: Input/output error")}[how]
+  assert [p.returncode for p in procs] == [1, 130 if how == "sigint" else 1], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert outs[0][1].strip().splitlines()[-1] == f"error: process 1 left the run ({why}); its output says more"
+  assert outs[1][1].strip().splitlines()[-1] == last
   if where == "restore":  # `last` is the first run's, untouched
     assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == saved
 
 
-def test_a_process_failing_alone_while_training_stops_the_other_at_the_next_log_line(tiny_config, tmp_path):
-  """Process 1 fails at step 12; process 0, whose devices already hold steps that wait for process
-  1's collectives, stops at the step-15 log line with one line and ends at once (Python's teardown
-  would wait for those steps forever)."""
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_failing_alone_while_training_stops_the_other_at_once(tiny_config, tmp_path, failing):
+  """One process fails at step 12; the other, whose devices (and, on a CPU, its host) wait for the
+  failed one's collectives of step 13, ends within seconds with one line, and so does the failed
+  one: without Python's teardown, which would wait for the devices' threads for ever. Process 0
+  also hosts the coordination service."""
   args = child_args(tiny_config, tmp_path / "run")
-  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), "fail:1:12", *args[4:]]
+  fault = [args[0], "-u", os.path.join(os.path.dirname(__file__), "fault_child.py"), f"fail:{failing}:12", *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
   outs = finish(procs, timeout=60)
   assert [p.returncode for p in procs] == [1, 1], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert "epoch 1/2 step 10/40" in outs[0][0] and "step 15/40" not in outs[0][0]
-  assert outs[0][1].strip().splitlines()[-1] == ("error: process 1 left the run ([Errno 5] Input/output error); "
-                                                 "its output says more")
-  assert outs[1][1].strip().splitlines()[-1] == "error: Input/output error"
+  other = 1 - failing
+  assert outs[other][1].strip().splitlines()[-1] == (f"error: process {failing} left the run ([Errno 5] Input/output "
+                                                     "error); its output says more")
+  assert outs[failing][1].strip().splitlines()[-1] == "error: Input/output error"
 
 
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
