@@ -129,7 +129,8 @@ def _move_aside(workdir: str) -> None:
 
 class _StopRequest:
   """A run's signals, by phase. While it sets up (reads and tokenizes the data, makes or restores the
-  state), a SIGINT stops it at once, as by default. Once it trains (`training`), the first
+  state), a SIGINT or SIGTERM stops it at once, as by default (but as an exception, which tells the
+  other processes of a multi-process run, `sharding_lib.leave_run`). Once it trains (`training`), the first
   SIGINT/SIGTERM is a request to stop after the current step (the run then saves `last`); a second
   one quits at once, except that a checkpoint being written is finished first (`saving`), so that no
   save is lost half-way. Once it is done (`closing`: tested, its last saves being waited for), a
@@ -144,6 +145,7 @@ class _StopRequest:
   def __enter__(self):
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, self._handle)
+    signal.signal(signal.SIGTERM, self._handle)
     self._unraisablehook = sys.unraisablehook
     sys.unraisablehook = self._unraisable
     return self
@@ -151,15 +153,17 @@ class _StopRequest:
   def _unraisable(self, unraisable):
     """Python drops a KeyboardInterrupt raised inside a callback it calls, e.g. a garbage
     collector's (JAX has one): while setting up, `training` acts on it, so its traceback is noise."""
-    if not (self._phase == "setup" and unraisable.exc_type is KeyboardInterrupt):
+    if not (self._phase == "setup" and unraisable.exc_type in (KeyboardInterrupt, SystemExit)):
       self._unraisablehook(unraisable)
 
   def training(self) -> None:
-    """From here on a signal asks for a stop at the next step boundary. A Ctrl-C during the setup
-    that Python dropped stops the run here, before any step, as one it had not dropped would."""
-    if self.signum is not None:
+    """From here on a signal asks for a stop at the next step boundary. A signal during the setup
+    whose exception Python dropped stops the run here, before any step, as one it had not dropped
+    would."""
+    if self.signum == signal.SIGINT:
       raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, self._handle)
+    if self.signum is not None:
+      raise SystemExit(128 + self.signum)
     self._phase = "training"
 
   def closing(self) -> None:

@@ -190,9 +190,11 @@ def _wait_for_key(client, key: str) -> str:
         raise
 
 
-# Taken, and kept, by whichever ends this process first when a process leaves the run early: its own
-# leaving (`leave_run`) or another's (`_watch_departures`), so that the process ends with one message.
-_ENDING = threading.Lock()
+# Taken, and kept, by whichever ends this process first: its main thread (leaving the run early,
+# `leave_run`, or ending with the others, `end_if_left`) or another process's leaving
+# (`_watch_departures`), so that the process ends one way, with one message.
+_ENDING = threading.RLock()  # (a Ctrl-C between leave_run's taking it and its flag: taken again)
+_LEAVING = threading.Event()  # this process has left the run early (`leave_run`)
 
 
 def _watch_departures(client, me: int) -> None:
@@ -205,16 +207,20 @@ def _watch_departures(client, me: int) -> None:
     time.sleep(1)
     try:
       left = {int(k.rpartition("/")[2]): why for k, why in client.key_value_dir_get(_LEFT)}
-    except Exception:  # noqa: BLE001  (the service is gone: the run ended, or JAX says what happened)
-      return
+    except Exception:  # noqa: BLE001
+      if jax._src.distributed.global_state.client is None:  # shut down: the command has ended
+        return
+      continue  # the service unreachable for now (or for good: then JAX says so and ends the process)
     others = {p: why for p, why in left.items() if p != me}
     if not others:
       continue
-    if not _ENDING.acquire(blocking=False):  # this process is leaving too, with its own message
+    if not _ENDING.acquire(blocking=False):  # this process is ending already, on its own
       return
-    who = min(others)
-    print(f"error: process {who} left the run ({others[who]}); its output says more", file=sys.stderr, flush=True)
-    _end_now(1)
+    try:
+      who = min(others)
+      print(f"error: process {who} left the run ({others[who]}); its output says more", file=sys.stderr, flush=True)
+    finally:
+      _end_now(1)
 
 
 def _end_now(status: int) -> None:
@@ -222,9 +228,12 @@ def _end_now(status: int) -> None:
   the one that left waits for those that learn it, and they for it), then the exit without Python's
   teardown, which waits for the device's threads, stuck in collectives with processes that are gone
   (for ever on a CPU, measured), or aborts."""
-  sys.stdout.flush()
-  sys.stderr.flush()
   try:
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):  # a reader gone (`| tee` stopped too), a closed stream
+        pass
     jax.distributed.shutdown()
   finally:
     os._exit(status)
@@ -234,7 +243,10 @@ def leave_run(e: BaseException) -> None:
   """Tells the other processes that this one is leaving the run early (`e`: an error, a Ctrl-C):
   each ends within a second or two (`_watch_departures`), instead of waiting for this one until one
   of JAX's or orbax's 5-minute timeouts aborts every process."""
+  if _LEAVING.is_set():
+    return
   _ENDING.acquire()  # held for good; blocks for good if `_watch_departures` is ending the process
+  _LEAVING.set()
   client = jax._src.distributed.global_state.client
   if client is None:  # one process, or not joined yet
     return
@@ -251,18 +263,22 @@ def leave_run(e: BaseException) -> None:
 
 
 def end_if_left(e: BaseException) -> None:
-  """Ends this process now, as `e` (how the command ended: a SystemExit, or an exception whose
-  traceback Python would print) would, if it left a run of several processes early (`leave_run`);
-  otherwise returns."""
-  if jax._src.distributed.global_state.client is None or not _ENDING.locked():
+  """Called as the command ends (`e`: how, a SystemExit or an exception whose traceback Python would
+  print). In a process that left a run of several processes early (`leave_run`), ends it now, with
+  the status Python would give it. Otherwise returns, the departures' watch standing down (or
+  blocks, for good, while that watch ends this process)."""
+  if jax._src.distributed.global_state.client is None:
     return
-  if not isinstance(e, SystemExit):
+  if not _LEAVING.is_set():
+    _ENDING.acquire()
+    return
+  if isinstance(e, SystemExit):
+    if e.code is None or isinstance(e.code, int):
+      _end_now(e.code or 0)
+    print(e.code, file=sys.stderr)
+  else:
     traceback.print_exception(e)
-    _end_now(1)
-  if e.code is None or isinstance(e.code, int):
-    _end_now(e.code or 0)
-  print(e.code, file=sys.stderr)
-  _end_now(1)
+  _end_now(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 def check_fits(abstract_state, shardings, mesh: Mesh) -> None:

@@ -20,6 +20,7 @@ FAULT is one of (K counts from 1 within this process; "dies" is SIGKILL, as `kil
                   the data, which Python drops (drop_a_sigint)
   setupsigint:P:W process P gets a SIGINT while it sets up: as it starts compiling (W = compile) or
                   restoring `last` (W = restore)
+  setupsigterm:P:W  the same with SIGTERM (a preemption)
   setupfail:P:W   process P fails alone (an input/output error) there instead
 The faults are monkeypatches in this process only: jaxlm has no hooks for them.
 """
@@ -170,9 +171,10 @@ def install(fault: str) -> None:
     if this_process() == args[0]:
       on_call(data_lib, "load", 1, lambda: drop_a_sigint() or sys.exit("the SIGINT was not dropped"),
               before=True)
-  elif kind in ("setupsigint", "setupfail"):
+  elif kind in ("setupsigint", "setupsigterm", "setupfail"):
     if this_process() == args[0]:
-      action = (lambda: os.kill(os.getpid(), signal.SIGINT)) if kind == "setupsigint" else fail
+      signum = {"setupsigint": signal.SIGINT, "setupsigterm": signal.SIGTERM}.get(kind)
+      action = (lambda: os.kill(os.getpid(), signum)) if signum else fail
       owner, attribute = {"compile": (train_lib, "setup"), "restore": (checkpoint_lib.Checkpoints, "restore")}[args[1]]
       on_call(owner, attribute, 1, action, before=True)
   elif kind == "fail":

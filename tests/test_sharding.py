@@ -222,10 +222,10 @@ def test_a_ctrl_c_that_python_drops_on_one_process_while_setting_up_stops_both(t
   assert outs[1][1].strip().splitlines()[-1] == "interrupted; what was already saved is intact"
 
 
-@pytest.mark.parametrize("how", ["sigint", "fail"])
-@pytest.mark.parametrize("where", ["compile", "restore"])
+@pytest.mark.parametrize("where,how", [("compile", "sigint"), ("restore", "sigint"), ("compile", "sigterm"),
+                                       ("compile", "fail"), ("restore", "fail")])
 def test_a_process_stopping_alone_while_setting_up_stops_the_other_at_once(tiny_config, tmp_path, where, how):
-  """Process 1 stops on a Ctrl-C or fails before training, as it starts compiling or restoring
+  """Process 1 stops on a Ctrl-C or SIGTERM or fails before training, as it starts compiling or restoring
   `last`; process 0, by then inside one of orbax's barriers (opening the checkpoints, restoring) or
   waiting for process 1 to agree, ends within seconds with one line, instead of waiting there until
   JAX's or orbax's 5-minute timeouts abort both."""
@@ -239,11 +239,13 @@ def test_a_process_stopping_alone_while_setting_up_stops_the_other_at_once(tiny_
            *args[4:]]
   procs = start_two_processes(fault, devices_env(2))
   outs = finish(procs, timeout=60)  # (about 10 s; orbax's barriers wait 300)
-  why, last = {"sigint": ("interrupted by SIGINT", "interrupted; what was already saved is intact"),
-               "fail": ("[Errno 5] Input/output error", "error: Input/output error")}[how]
-  assert [p.returncode for p in procs] == [1, 130 if how == "sigint" else 1], outs[0][1][-2000:] + outs[1][1][-2000:]
+  why, status, last = {"sigint": ("interrupted by SIGINT", 130, "interrupted; what was already saved is intact"),
+                       "sigterm": ("stopped by SIGTERM", 143, None),
+                       "fail": ("[Errno 5] Input/output error", 1, "error: Input/output error")}[how]
+  assert [p.returncode for p in procs] == [1, status], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert outs[0][1].strip().splitlines()[-1] == f"error: process 1 left the run ({why}); its output says more"
-  assert outs[1][1].strip().splitlines()[-1] == last
+  if last:
+    assert outs[1][1].strip().splitlines()[-1] == last
   if where == "restore":  # `last` is the first run's, untouched
     assert checkpoint_lib.Checkpoints(tmp_path / "run", writer=False).step("last") == saved
 
