@@ -151,8 +151,9 @@ class _StopRequest:
     return self
 
   def _unraisable(self, unraisable):
-    """Python drops a KeyboardInterrupt raised inside a callback it calls, e.g. a garbage
-    collector's (JAX has one): while setting up, `training` acts on it, so its traceback is noise."""
+    """Python drops a signal's exception (KeyboardInterrupt, SystemExit) raised inside a callback it
+    calls, e.g. a garbage collector's (JAX has one): while setting up, `training` acts on it, so its
+    traceback is noise."""
     if not (self._phase == "setup" and unraisable.exc_type in (KeyboardInterrupt, SystemExit)):
       self._unraisablehook(unraisable)
 
@@ -160,10 +161,8 @@ class _StopRequest:
     """From here on a signal asks for a stop at the next step boundary. A signal during the setup
     whose exception Python dropped stops the run here, before any step, as one it had not dropped
     would."""
-    if self.signum == signal.SIGINT:
-      raise KeyboardInterrupt
     if self.signum is not None:
-      raise SystemExit(128 + self.signum)
+      self._stop_at_once(self.signum)
     self._phase = "training"
 
   def closing(self) -> None:
@@ -174,9 +173,7 @@ class _StopRequest:
     name = signal.Signals(signum).name
     if self._phase != "training":
       self.signum = signum
-      if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-      raise SystemExit(128 + signum)
+      self._stop_at_once(signum)
     if self.signum is None:
       self.signum = signum
       _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
@@ -190,9 +187,16 @@ class _StopRequest:
   @staticmethod
   def _quit_now(signum: int):
     """Ends the process with the signal's status (the command line says what was saved)."""
+    if signum != signal.SIGINT:
+      _say(f"\n{signal.Signals(signum).name} again: quitting now; what was already saved is intact\n")
+    _StopRequest._stop_at_once(signum)
+
+  @staticmethod
+  def _stop_at_once(signum: int):
+    """Raises what ends the command as the signal would: KeyboardInterrupt for SIGINT (status 130,
+    and cli's "interrupted" line), SystemExit(128 + signum) otherwise."""
     if signum == signal.SIGINT:
       raise KeyboardInterrupt
-    _say(f"\n{signal.Signals(signum).name} again: quitting now; what was already saved is intact\n")
     raise SystemExit(128 + signum)
 
   @contextlib.contextmanager

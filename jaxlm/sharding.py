@@ -193,7 +193,9 @@ def _wait_for_key(client, key: str) -> str:
 # Taken, and kept, by whichever ends this process first: its main thread (leaving the run early,
 # `leave_run`, or ending with the others, `end_if_left`) or another process's leaving
 # (`_watch_departures`), so that the process ends one way, with one message.
-_ENDING = threading.RLock()  # (a Ctrl-C between leave_run's taking it and its flag: taken again)
+# Reentrant: a Ctrl-C that lands between leave_run's taking it and setting _LEAVING sends the main
+# thread to end_if_left, which takes it again instead of waiting on itself.
+_ENDING = threading.RLock()
 _LEAVING = threading.Event()  # this process has left the run early (`leave_run`)
 
 
