@@ -24,6 +24,7 @@ from jaxlm.data import END_OF_TEXT
 from jaxlm.cli import UserError, naming
 
 MODEL_FILE = "model.safetensors"
+SHARDS_INDEX = "model.safetensors.index.json"  # save_pretrained's list of shards, for a model over max_shard_size
 # jaxlm's activation -> HF's activation_function on export, and back on import. Each HF name here
 # computes the same function as its jaxlm counterpart (gelu_fast is the tanh form written differently).
 _TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -190,10 +191,7 @@ def gpt2_overrides(hf_dir: str) -> dict[str, object]:
   if not os.path.isfile(tokenizer_path):
     raise ExportError(f"{hf_dir} has no tokenizer.json: save the model's GPT2TokenizerFast there with "
                       f"save_pretrained (the slow GPT2Tokenizer's vocab.json and merges.txt are not read)")
-  if not os.path.isfile(os.path.join(hf_dir, MODEL_FILE)):
-    bin_only = os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin"))
-    raise ExportError(f"{hf_dir} has no {MODEL_FILE}" + (" (pytorch_model.bin is not supported)" if bin_only else "")
-                      + ": re-save the model with save_pretrained(dir, safe_serialization=True)")
+  _weight_files(hf_dir)
   try:
     vocab = Tokenizer.from_file(tokenizer_path).get_vocab_size()
   except Exception as e:  # tokenizers raises a bare Exception for a malformed file
@@ -213,18 +211,38 @@ def gpt2_overrides(hf_dir: str) -> dict[str, object]:
     raise ExportError(f"{hf_dir}/config.json has no {e.args[0]}: re-save the model with save_pretrained") from None
 
 
+def _weight_files(hf_dir: str) -> list[str]:
+  """The paths of `hf_dir`'s weights: model.safetensors, or the shards its index lists (save_pretrained
+  splits a model larger than its max_shard_size, e.g. GPT-2 XL in float32); ExportError if any is missing."""
+  index = os.path.join(hf_dir, SHARDS_INDEX)
+  if os.path.isfile(os.path.join(hf_dir, MODEL_FILE)) or not os.path.isfile(index):
+    names = [MODEL_FILE]
+  else:
+    try:
+      with open(index) as f:
+        names = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ExportError(f"cannot read {index} ({type(e).__name__}: {str(e)[:200]}): re-save the model with "
+                        f"save_pretrained") from None
+  for name in names:
+    if not os.path.isfile(os.path.join(hf_dir, name)):
+      bin_only = os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin"))
+      raise ExportError(f"{hf_dir} has no {name}" + (" (pytorch_model.bin is not supported)" if bin_only else "")
+                        + ": re-save the model with save_pretrained(dir, safe_serialization=True)")
+  return [os.path.join(hf_dir, name) for name in names]
+
+
 def load_gpt2_params(hf_dir: str, like):
-  """The parameters in `hf_dir`/model.safetensors as a tree of the structure, shapes, dtypes and devices
-  of `like` (the freshly initialised parameters of the model gpt2_overrides configures)."""
+  """The parameters in `hf_dir`'s safetensors file(s) as a tree of the structure, shapes, dtypes and
+  devices of `like` (the freshly initialised parameters of the model gpt2_overrides configures)."""
   import safetensors.numpy
-  path = os.path.join(hf_dir, MODEL_FILE)
-  try:
-    raw = safetensors.numpy.load_file(path)
-  except FileNotFoundError:
-    raise ExportError(f"{hf_dir} has no {MODEL_FILE}: re-save the model with save_pretrained(dir, "
-                      f"safe_serialization=True)") from None
-  except Exception as e:  # safetensors' own error types for a truncated or foreign file
-    raise ExportError(f"cannot read {path} ({str(e)[:200]}): re-save the model with save_pretrained") from None
+  files, raw = _weight_files(hf_dir), {}
+  for path in files:
+    try:
+      raw.update(safetensors.numpy.load_file(path))
+    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+      raise ExportError(f"cannot read {path} ({str(e)[:200]}): re-save the model with save_pretrained") from None
+  where = files[0] if len(files) == 1 else f"{hf_dir}'s {len(files)} shards"
   # Hub checkpoints vary: GPT2Model's state dict has no "transformer." prefix, GPT2LMHeadModel's has.
   tensors = {name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": t
              for name, t in raw.items()}
@@ -237,14 +255,14 @@ def load_gpt2_params(hf_dir: str, like):
   def load(key_path, leaf):
     name, transpose = names[_path(key_path)]
     if name not in tensors:
-      raise ExportError(f"{path} has no tensor {name}: is it a GPT-2 checkpoint of the shape its config.json "
+      raise ExportError(f"{where} has no tensor {name}: is it a GPT-2 checkpoint of the shape its config.json "
                         f"describes?")
     t = tensors[name].T if transpose else tensors[name]
     if t.shape != leaf.shape:
       if name == "transformer.wte.weight" and t.shape[1:] == leaf.shape[1:]:
-        raise ExportError(f"{path}: {name} has {t.shape[0]} rows but the tokenizer has {leaf.shape[0]} tokens: "
+        raise ExportError(f"{where}: {name} has {t.shape[0]} rows but the tokenizer has {leaf.shape[0]} tokens: "
                           f"use the tokenizer.json saved with this model")
-      raise ExportError(f"{path}: {name} has shape {list(tensors[name].shape)}, the configured model needs "
+      raise ExportError(f"{where}: {name} has shape {list(tensors[name].shape)}, the configured model needs "
                         f"{list(leaf.shape[::-1] if transpose else leaf.shape)}: does config.json match the weights?")
     array = np.asarray(t).astype(leaf.dtype)
     return sharding_lib.put(array, leaf.sharding) if isinstance(leaf, jax.Array) else array
@@ -253,7 +271,7 @@ def load_gpt2_params(hf_dir: str, like):
   used = {name for name, _ in names.values()} | {"lm_head.weight"}  # a tied model's copy of wte is ignored
   unused = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES))
   if unused:
-    raise ExportError(f"{path} holds tensors the configured model has no place for ({', '.join(unused[:3])}"
+    raise ExportError(f"{where} holds tensors the configured model has no place for ({', '.join(unused[:3])}"
                       f"{', ...' if len(unused) > 3 else ''}): does config.json match the weights?")
   return model_lib.stack_layers(params) if scanned else params
 
@@ -282,7 +300,8 @@ def main(argv) -> None:
   print(f"load it with transformers:\n"
         f"  model = AutoModelForCausalLM.from_pretrained({out!r})\n"
         f"  tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
-        f"or train from it: python -m jaxlm.main --config=configs/base.py --config.model.init_from={out}")
+        f"or train from it: python -m jaxlm.main --config=configs/base.py --config.model.init_from={out}"
+        f" --config.data.seq_length={c['n_positions']}")
 
 
 if __name__ == "__main__":

@@ -45,18 +45,20 @@ def check_settings(temperature: float, top_k: int, top_p: float, max_new_tokens:
 
 def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
   """-inf outside the top_k most likely tokens and outside the smallest set whose probability
-  reaches top_p (the most likely token is always kept)."""
-  if top_k and top_k < logits_BV.shape[-1]:
-    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-  if top_p < 1:
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability of the tokens ranked above
-    kept_BV = before_BV < top_p
-    cutoff_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  return logits_BV
+  reaches top_p (the most likely token is always kept). Kept by rank, not by value: of tokens tied
+  at the cut (common in bfloat16), the lower ids are kept, so exactly top_k stay."""
+  V = logits_BV.shape[-1]
+  k = top_k if 0 < top_k < V else V
+  if k == V and top_p >= 1:
+    return logits_BV
+  top_BK, ids_BK = jax.lax.top_k(logits_BV, k)  # descending; ties in id order
+  kept_BK = jnp.ones(top_BK.shape, bool)
+  if top_p < 1:  # of the top_k, renormalised
+    probs_BK = jax.nn.softmax(top_BK, axis=-1)
+    kept_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK < top_p  # probability ranked above < top_p
+  rows_B1 = jnp.arange(logits_BV.shape[0])[:, None]
+  kept_BV = jnp.zeros(logits_BV.shape, bool).at[rows_B1, ids_BK].set(kept_BK)
+  return jnp.where(kept_BV, logits_BV, -jnp.inf)
 
 
 def sample_token(key: jax.Array, logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:

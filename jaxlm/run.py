@@ -316,6 +316,10 @@ def _init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       node[name] = value
   if changes:
     print(f"model.init_from {config.model.init_from}: {'; '.join(changes)}", flush=True)
+  if config.data.seq_length > config.model.max_seq_length:
+    raise config_lib.ConfigError(
+        f"config key 'data.seq_length' = {config.data.seq_length} exceeds the {config.model.max_seq_length} "
+        f"positions of model.init_from's model: add --config.data.seq_length={config.model.max_seq_length} (or less)")
   return config
 
 

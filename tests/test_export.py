@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import export as export_lib
 from jaxlm import model as model_lib
@@ -164,6 +165,42 @@ def test_init_from_an_export_starts_from_exactly_its_parameters(run, tmp_path, m
   assert_same_tree(started.params, exported.params)
 
 
+def test_init_from_a_model_with_fewer_positions_than_the_sequences_names_the_fix(trained_run, tmp_path):
+  run = trained_run(*RUNS[0])
+  out = str(tmp_path / "hf")
+  export_lib.export(run.workdir, out, checkpoint="last")
+  config = run.copy_and_resolve_references()
+  config.model.init_from = out
+  positions = json.load(open(os.path.join(out, "config.json")))["n_positions"]
+  config.data.seq_length = positions + 1
+  with pytest.raises(config_lib.ConfigError, match=rf"the {positions} positions of model.init_from's model: "
+                                                   rf"add --config.data.seq_length={positions} \(or less\)$"):
+    run_lib._init_from(config)
+
+
+def test_weights_in_shards_load_as_from_one_file(trained_run, tmp_path):
+  run = trained_run(*RUNS[1])
+  out = tmp_path / "hf"
+  export_lib.export(run.workdir, str(out))
+  like = workdir_lib.load(run.workdir, "best", device="cpu").params
+  whole = export_lib.load_gpt2_params(str(out), like)
+  # As save_pretrained writes a model over its max_shard_size: shards and an index naming each tensor's.
+  tensors = safetensors.numpy.load_file(out / "model.safetensors")
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for file, part in shards.items():
+    safetensors.numpy.save_file({n: tensors[n] for n in part}, out / file, metadata={"format": "pt"})
+  with open(out / "model.safetensors.index.json", "w") as f:
+    json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+               "weight_map": {n: file for file, part in shards.items() for n in part}}, f)
+  os.remove(out / "model.safetensors")
+  assert export_lib.gpt2_overrides(str(out))["model.d_model"] == run.model.d_model
+  assert_same_tree(export_lib.load_gpt2_params(str(out), like), whole)
+  os.remove(out / "model-00002-of-00002.safetensors")
+  with pytest.raises(export_lib.ExportError, match=r"hf has no model-00002-of-00002.safetensors: re-save the model"):
+    export_lib.gpt2_overrides(str(out))
+
+
 def test_export_refuses_an_existing_output_that_is_not_an_empty_directory(tmp_path):
   out = tmp_path / "hf"
   out.mkdir()
@@ -257,6 +294,8 @@ def test_cli_exports_and_reports_errors_in_one_line(trained_run, tmp_path):
   assert done.returncode == 0, done.stderr
   assert sorted(os.listdir(out)) == HF_FILES
   assert f"AutoModelForCausalLM.from_pretrained('{out}')" in done.stdout
+  positions = json.load(open(out / "config.json"))["n_positions"]
+  assert done.stdout.rstrip().endswith(f"--config.model.init_from={out} --config.data.seq_length={positions}")
 
   missing = subprocess.run([sys.executable, "-m", "jaxlm.export", f"--workdir={tmp_path / 'nowhere'}",
                             f"--out={tmp_path / 'hf2'}"], cwd=tmp_path, env=subprocess_env(), capture_output=True,
@@ -317,7 +356,9 @@ def test_a_transformers_gpt2_imports_with_the_same_logits(tiny_config, tmp_path,
   with torch.no_grad():
     for p in hf_model.parameters():
       p.normal_(0.0, 0.3)
-  hf_model.save_pretrained(hf, safe_serialization=True)
+  # The untied one in shards, as save_pretrained splits a model over its max_shard_size (5 GB).
+  hf_model.save_pretrained(hf, safe_serialization=True, max_shard_size="5GB" if tie else "20KB")
+  assert os.path.exists(os.path.join(hf, "model.safetensors.index.json")) != tie
   transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(hf)
 
   tiny_config.model.init_from = hf

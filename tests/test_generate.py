@@ -133,6 +133,23 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
   assert (np.asarray(generate_lib.sample_token(keys[0], logits * 100, 1e-40, 0, 1.0)) == order[:, 0]).all()
 
 
+def test_top_k_and_top_p_keep_exactly_their_sets_when_logits_tie():
+  # Tokens tied at the cut (bfloat16 logits tie often) are kept by rank, lower ids first.
+  kept = lambda logits, k, p: np.isfinite(np.asarray(generate_lib.filter_logits(jnp.asarray(logits), k, p)))
+  three = np.log(np.array([[0.4, 0.3, 0.3]], np.float32))
+  np.testing.assert_array_equal(kept(three, 2, 1.0), [[True, True, False]])
+  np.testing.assert_array_equal(kept(three, 0, 0.5), [[True, True, False]])  # 0.4 + 0.3 reaches 0.5
+  np.testing.assert_array_equal(kept(three, 0, 0.4), [[True, False, False]])
+  np.testing.assert_array_equal(kept(three, 0, 1.0), [[True, True, True]])
+  coarse = np.round(np.random.default_rng(0).normal(size=(8, 1000)), 1).astype(np.float32)  # many ties
+  for k in (1, 10, 50, 200):
+    assert (kept(coarse, k, 1.0).sum(-1) == k).all(), k
+  probs = np.exp(coarse) / np.exp(coarse).sum(-1, keepdims=True)
+  for p in (0.1, 0.5, 0.9):
+    smallest = [int(np.searchsorted(np.cumsum(np.sort(row)[::-1]), p) + 1) for row in probs]
+    np.testing.assert_array_equal(kept(coarse, 0, p).sum(-1), smallest)
+
+
 def test_text_stream_prints_whole_characters_as_tokens_come():
   from tokenizers import ByteLevelBPETokenizer
   tokenizer = ByteLevelBPETokenizer()
