@@ -68,6 +68,17 @@ class Checkpoints:
   def exists(self, name: str) -> bool:
     return self._managers[name].latest_step() is not None
 
+  def resumable(self) -> str | None:
+    """The checkpoint a run resumes from: `last`, else `best` (a whole state too, at the end of its
+    epoch: `last` is missing after a kill between the first epoch's two saves, or when moved away),
+    else None: a new run."""
+    for name in NAMES:
+      path = os.path.join(self.directory, name)
+      if os.path.lexists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory, where orbax keeps the `{name}` checkpoint: move it "
+                              f"out of the way and re-run")
+    return next((name for name in NAMES if self.exists(name)), None)
+
   def step(self, name: str) -> int | None:
     """The training step the `name` checkpoint holds, or None when there is none."""
     return self.restore_meta(name)["global_step"] if self.exists(name) else None

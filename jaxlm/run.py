@@ -83,10 +83,11 @@ _MUST_MATCH = ("data.seq_length", "model.d_model", "model.num_layers", "model.nu
 
 
 def _resumable_meta(workdir: str) -> dict | None:
-  """The meta of the `last` checkpoint a run in `workdir` would resume from, or None; read without
-  writing anything, so that a run refused before its setup leaves the directory as it was."""
+  """The meta of the checkpoint a run in `workdir` would resume from, or None; read without writing
+  anything, so that a run refused before its setup leaves the directory as it was."""
   with checkpoint_lib.Checkpoints(workdir, writer=False) as checkpoints:
-    return checkpoints.restore_meta("last") if checkpoints.exists("last") else None
+    name = checkpoints.resumable()
+    return checkpoints.restore_meta(name) if name else None
 
 
 def _check_resumable(config, meta: dict, data_name: str, where: str) -> None:
@@ -379,7 +380,7 @@ def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
 
 
 def _fresh_state(s: _Setup, resumed: dict | None) -> train_lib.TrainState | None:
-  """A new run's first state; None for a resumed run, which restores `last` into the state's shapes
+  """A new run's first state; None for a resumed run, which restores its checkpoint into the state's shapes
   instead (making a fresh one too would hold two states on the devices)."""
   if resumed is not None:
     return None
@@ -474,7 +475,7 @@ class _Run:
 
   def _resume(self, resumed: dict | None, fresh: train_lib.TrainState | None
               ) -> tuple[train_lib.TrainState, LoopState]:
-    """(state, LoopState) from `last` when the run resumes (`resumed`: its meta), else the fresh ones."""
+    """(state, LoopState) from the checkpoint the run resumes from (`resumed`: its meta), else the fresh ones."""
     if resumed is None:
       if self.config.model.init_from:
         from jaxlm import export
@@ -484,10 +485,13 @@ class _Run:
         return fresh.replace(params=params).restart_average(), LoopState()
       return fresh, LoopState()
     _report_changes(self.config, resumed, self.s.num_steps)
-    state, meta = self.checkpoints.restore("last", self.s.train.abstract_state)
+    name = self.checkpoints.resumable()
+    state, meta = self.checkpoints.restore(name, self.s.train.abstract_state)
     # (a checkpoint saved before a field was added has the field's default)
     loop = LoopState(**{f.name: meta[f.name] for f in dataclasses.fields(LoopState) if f.name in meta})
-    print(f"resuming from {self.checkpoints.directory}/last: {loop.epoch} epoch(s) done, step "
+    if name == "best":  # the epochs after it are trained again, as they were: the data order is (seed, step)'s
+      print(f"{self.checkpoints.directory}/last is missing: resuming from `best` instead", flush=True)
+    print(f"resuming from {self.checkpoints.directory}/{name}: {loop.epoch} epoch(s) done, step "
           f"{int(state.step):,}, best val loss {loop.best_val_loss}", flush=True)
     return state, loop
 
@@ -665,7 +669,8 @@ class _Run:
     self.tb.scalars(self.step, {k: val[k] for k in evaluate_lib.METRICS}, "val")
     self.sample(epoch)
     # `best` first, complete before `last` starts: if the process dies between the two, `last` is
-    # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved.
+    # still the previous epoch's, and the resumed run redoes this epoch and finds `best` saved (after the
+    # first epoch, with no `last` yet, it resumes from that `best`).
     with self.stop.saving():
       if improved:
         self.save("best", wait=True, val_loss=val["loss"])

@@ -530,6 +530,54 @@ def test_crash_between_saving_best_and_last_resumes_correctly(tiny_config, tmp_p
   assert_same_tree(ours.params, theirs.params)
 
 
+def test_a_run_whose_last_is_missing_resumes_from_best_to_the_same_result(tiny_config, tmp_path, capsys):
+  """`last` gone while `best` is there: after a kill between the first epoch's two saves, or moved
+  away after the run. The run goes on from `best` (a whole state) and ends as the uninterrupted run,
+  instead of starting over on top of the old run's files."""
+  tiny_config.training.epochs = 3
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = str(tmp_path / "uninterrupted")
+  run_lib.train_and_evaluate(reference)
+  df_ref = read_metrics(reference.workdir)
+  reference_test = json.load(open(os.path.join(reference.workdir, "test_metrics.json")))
+  vocab = data_lib.load(tiny_config).vocab_size
+  theirs, _ = restore(reference.workdir, "last", reference, vocab)
+  columns = sorted(set(df_ref.columns) - TIMING_KEYS)
+  # The first epoch's `best` saved, its `last` not yet.
+  tiny_config.training.num_steps = int(df_ref["global_step"].iloc[-1])
+  tiny_config.training.epochs = 1
+  run_lib.train_and_evaluate(tiny_config)
+  shutil.rmtree(os.path.join(tiny_config.workdir, "checkpoints", "last"))
+  first_epoch = read_metrics(tiny_config.workdir).iloc[0]
+  # The finished run's `last` moved away, its `best` one of an earlier epoch: the later ones are redone.
+  moved = tmp_path / "moved"
+  shutil.copytree(reference.workdir, moved)
+  shutil.rmtree(moved / "checkpoints")
+  shutil.copytree(os.path.join(tiny_config.workdir, "checkpoints"), moved / "checkpoints")
+  for workdir in (tiny_config.workdir, str(moved)):
+    config = tiny_config.copy_and_resolve_references()
+    config.workdir, config.training.epochs = workdir, 3
+    capsys.readouterr()
+    summary = run_lib.train_and_evaluate(config)
+    assert f"{workdir}/checkpoints/last is missing: resuming from `best` instead" in capsys.readouterr().out
+    df = read_metrics(workdir)
+    pd.testing.assert_frame_equal(df[columns], df_ref[columns])
+    assert {k: summary[k] for k in reference_test} == reference_test
+    ours, _ = restore(workdir, "last", config, vocab)
+    assert_same_tree(ours.params, theirs.params)
+  assert read_metrics(tiny_config.workdir).iloc[0]["epoch_time_s"] == first_epoch["epoch_time_s"]  # not redone
+
+
+def test_a_checkpoint_path_that_is_a_file_is_refused_before_anything_is_written(tiny_config):
+  os.makedirs(os.path.join(tiny_config.workdir, "checkpoints"))
+  with open(os.path.join(tiny_config.workdir, "checkpoints", "last"), "w") as f:
+    f.write("not a checkpoint")
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"checkpoints/last is not a directory, where orbax keeps "
+                                                           r"the `last` checkpoint: move it out of the way"):
+    run_lib.train_and_evaluate(tiny_config)
+  assert sorted(os.listdir(tiny_config.workdir)) == ["checkpoints"]
+
+
 def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_path, capsys):
   tiny_config.training.epochs = 3
   reference = tiny_config.copy_and_resolve_references()
