@@ -6,6 +6,7 @@ loaded), 1 for everything else (a `UserError`, an operating-system error such as
 the device running out of memory).
 `--verbose` shows the traceback and the libraries' logs instead. A bug is still a traceback.
 """
+import _thread
 import contextlib
 import logging as std_logging
 import os
@@ -13,6 +14,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from typing import Callable
 
@@ -155,6 +157,29 @@ def _without_closed_loop_noise(unraisablehook):
   return hook
 
 
+def signals_not_dropped(unraisablehook):
+  """Python drops an exception raised inside a callback it calls, e.g. a garbage collector's (JAX has
+  one), and goes on: a signal's, raised there by its handler (a Ctrl-C's KeyboardInterrupt, seen while
+  data was tokenized; a run's SystemExit(128 + signal)), is raised again in the main thread instead:
+  the signal is sent again, later, so that its handler runs in the main thread once this hook has
+  returned (sent from here, the handler would run here, and be dropped again)."""
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, KeyboardInterrupt):
+      signum = signal.SIGINT
+    elif isinstance(e, SystemExit) and e.code in {128 + s for s in signal.Signals}:
+      signum = signal.Signals(e.code - 128)
+    else:
+      return unraisablehook(unraisable)
+    _thread.start_new_thread(_deliver_later, (threading.main_thread().ident, signum))  # (Thread.start waits)
+  return hook
+
+
+def _deliver_later(thread: int, signum: int) -> None:
+  time.sleep(0.05)  # long after the hook has returned, so that the handler does not run inside it
+  signal.pthread_kill(thread, signum)  # a real signal (which ends a sleep or wait), to the main thread
+
+
 def out_of_memory(e: BaseException) -> bool:
   """XLA's out-of-memory error (at compile time or when allocating), as JAX raises it."""
   jax = sys.modules.get("jax")  # not imported here: a command that never loaded JAX did not fail so
@@ -164,6 +189,7 @@ def out_of_memory(e: BaseException) -> bool:
 
 def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
   verbose = _VERBOSE.value
+  sys.unraisablehook = signals_not_dropped(sys.unraisablehook)
   if not verbose and not flags.FLAGS["verbosity"].present:
     # orbax, datasets and the hub client log at length, also about failures reported here in one line.
     std_logging.disable(std_logging.ERROR)

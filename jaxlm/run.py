@@ -38,7 +38,7 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
-from jaxlm.cli import UserError, interrupt_after
+from jaxlm.cli import UserError, interrupt_after, signals_not_dropped
 
 
 class TrainingError(UserError):
@@ -147,23 +147,12 @@ class _StopRequest:
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, self._handle)
     signal.signal(signal.SIGTERM, self._handle)
-    self._unraisablehook = sys.unraisablehook
-    sys.unraisablehook = self._unraisable
+    self._unraisablehook = sys.unraisablehook  # (as `cli` does for every command: also for callers of the library)
+    sys.unraisablehook = signals_not_dropped(sys.unraisablehook)
     return self
 
-  def _unraisable(self, unraisable):
-    """Python drops a signal's exception (KeyboardInterrupt, SystemExit) raised inside a callback it
-    calls, e.g. a garbage collector's (JAX has one): while setting up, `training` acts on it, so its
-    traceback is noise."""
-    if not (self._phase == "setup" and unraisable.exc_type in (KeyboardInterrupt, SystemExit)):
-      self._unraisablehook(unraisable)
-
   def training(self) -> None:
-    """From here on a signal asks for a stop at the next step boundary. A signal during the setup
-    whose exception Python dropped stops the run here, before any step, as one it had not dropped
-    would."""
-    if self.signum is not None:
-      self._stop_at_once(self.signum)
+    """From here on a signal asks for a stop at the next step boundary."""
     self._phase = "training"
 
   def closing(self) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -152,6 +153,33 @@ def test_running_out_of_device_memory_is_one_error_line():
   assert line.startswith("error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
                          "17592186044416 bytes). Make the work smaller: a smaller batch (--config.training.batch_size")
   assert line.endswith("What was saved before is intact.")
+
+
+def test_a_ctrl_c_that_python_drops_still_interrupts_every_command():
+  """A Ctrl-C whose KeyboardInterrupt is raised inside a garbage collector's callback (JAX has one) is
+  dropped by Python, which goes on: `evaluate` or `data` then ran to their end, status 0."""
+  program = ("import gc, os, signal, time\n"
+             "from jaxlm import cli\n"
+             "def callback(phase, info):  # as fault_child.drop_a_sigint\n"
+             "  if phase == 'start':\n"
+             "    os.kill(os.getpid(), signal.SIGINT)\n"
+             "    for _ in range(10_000):  # Python runs the handler here, inside the callback\n"
+             "      pass\n"
+             "def main(argv):\n"
+             "  gc.callbacks.append(callback)\n"
+             "  gc.collect()\n"
+             "  gc.callbacks.remove(callback)\n"
+             "  time.sleep(20)\n"
+             "  print('went on')\n"
+             "cli.run(main)\n")
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, "-c", program], env=subprocess_env(), capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 130, done.stderr
+  assert time.monotonic() - start < 15  # at once, not after the 20 s of work
+  assert done.stdout == ""
+  assert done.stderr.strip().splitlines()[-1] == "interrupted; what was already saved is intact"
+  assert "Traceback" not in done.stderr
 
 
 def test_verbose_shows_the_traceback(finished):
