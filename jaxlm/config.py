@@ -89,7 +89,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "training.b2": (float, _fraction),
     "training.eps": (float, _positive),
     "training.patience": (int, _positive),
-    "training.seed": (int, _non_negative),
+    "training.seed": (int, lambda v: 0 <= v < 2**63 or "must be in [0, 2**63)"),
     "training.log_every_steps": (int, _positive),
     "training.checkpoint_every_steps": (int, _non_negative),
     "training.checkpoint_every_minutes": (float, _non_negative),

@@ -114,7 +114,8 @@ def _tokenizer_spec(config: ml_collections.ConfigDict) -> dict:
   tok = config.data.tokenizer
   if tok.file:
     if not os.path.isfile(tok.file):
-      raise DataError(f"data.tokenizer.file '{tok.file}' does not exist. Give the path of a "
+      what = "is a directory" if os.path.isdir(tok.file) else "does not exist"
+      raise DataError(f"data.tokenizer.file '{tok.file}' {what}. Give the path of a "
                       "tokenizers JSON file, or leave it empty to train a BPE on the train split.")
     return {"kind": "file", "sha256": _file_sha256(tok.file)}
   if tok.pretrained:
@@ -205,7 +206,12 @@ def _build_tokenizer(config: ml_collections.ConfigDict, spec: dict, train_lines:
   from tokenizers import ByteLevelBPETokenizer, Tokenizer
   tok = config.data.tokenizer
   if spec["kind"] == "file":
-    return Tokenizer.from_file(tok.file)
+    try:
+      return Tokenizer.from_file(tok.file)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+      raise DataError(f"data.tokenizer.file '{tok.file}' is not a tokenizer the tokenizers library reads "
+                      f"({str(e)[:200]}): give a tokenizer.json saved by it (Tokenizer.save, or "
+                      f"save_pretrained of a fast tokenizer)") from None
   if spec["kind"] == "pretrained":
     try:
       return Tokenizer.from_pretrained(tok.pretrained)
@@ -305,16 +311,16 @@ def _open_cache(path: str) -> tuple[Corpus | None, str | None]:
     for name in ARRAYS + ("tokenizer.json",):
       if _file_sha256(os.path.join(path, name)) != meta["sha256"][name]:
         return None, f"{name} does not match the checksum in meta.json"
+    for s in SPLITS:  # (meta.json itself has no checksum: a value of another type raises here)
+      a = arrays[f"{s}.npy"]
+      if a.dtype != np.dtype(meta["dtype"]) or a.shape != (sizes[s],):
+        return None, f"{s}.npy holds {a.dtype} {a.shape}, meta.json says {meta['dtype']} ({sizes[s]},)"
+      if a.size and int(a.max()) >= vocab_size:
+        return None, f"{s}.npy holds token id {int(a.max())}, beyond the vocabulary of {vocab_size}"
+    if arrays["token_bytes.npy"].shape != (vocab_size,):
+      return None, f"token_bytes.npy has {arrays['token_bytes.npy'].shape} entries for a vocabulary of {vocab_size}"
   except (OSError, ValueError, KeyError, TypeError) as e:
     return None, f"{type(e).__name__}: {e}"
-  for s in SPLITS:
-    a = arrays[f"{s}.npy"]
-    if a.dtype != np.dtype(meta["dtype"]) or a.shape != (sizes[s],):
-      return None, f"{s}.npy holds {a.dtype} {a.shape}, meta.json says {meta['dtype']} ({sizes[s]},)"
-    if a.size and int(a.max()) >= vocab_size:
-      return None, f"{s}.npy holds token id {int(a.max())}, beyond the vocabulary of {vocab_size}"
-  if arrays["token_bytes.npy"].shape != (vocab_size,):
-    return None, f"token_bytes.npy has {arrays['token_bytes.npy'].shape} entries for a vocabulary of {vocab_size}"
   tokens = {s: arrays[f"{s}.npy"] for s in SPLITS}
   return Corpus(tokens=tokens, token_bytes=np.asarray(arrays["token_bytes.npy"]), vocab_size=vocab_size,
                 path=path, meta=meta), None

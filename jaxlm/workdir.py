@@ -88,8 +88,13 @@ class Lock:
         os.close(fd)
     holder = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    os.ftruncate(self._fd, 0)
-    os.write(self._fd, json.dumps(holder).encode())
+    try:
+      with naming(self.path):
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps(holder).encode())
+    except OSError:  # a full disk: released and removed, so that the directory is left as it was
+      self.__exit__()
+      raise
     return self
 
   def __exit__(self, *exc):

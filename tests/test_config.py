@@ -89,6 +89,8 @@ def test_unknown_variant_fails():
     ("sample.max_new_tokens", -1, "'sample.max_new_tokens' = -1 must be >= 0"),
     ("sample.temperature", -0.1, "'sample.temperature' = -0.1 must be >= 0"),
     ("sample.seed", 2**31, r"'sample.seed' = 2147483648 must be in \[0, 2\*\*31\)"),
+    ("training.seed", 2**63, r"'training.seed' = 9223372036854775808 must be in \[0, 2\*\*63\)"),
+    ("training.seed", -1, r"'training.seed' = -1 must be in \[0, 2\*\*63\)"),
     ("sample.top_p", 0.0, r"'sample.top_p' = 0.0 must be in \(0, 1\]"),
     ("sample.top_p", 1.5, r"'sample.top_p' = 1.5 must be in \(0, 1\]"),
     ("sample.prompt", "  ", "'sample.prompt' is empty: give the samples while training a prompt"),

@@ -76,6 +76,18 @@ def test_given_tokenizer_file(tiny_config, tmp_path):
     assert np.array_equal(from_file.tokens[split], trained.tokens[split])
 
 
+def test_a_tokenizer_file_that_cannot_be_read_is_one_clear_error(tiny_config, tmp_path):
+  bad = tmp_path / "tokenizer.json"
+  bad.write_text('{"not": "a tokenizer"}')
+  tiny_config.data.tokenizer.file = str(bad)
+  with pytest.raises(data_lib.DataError, match=rf"data.tokenizer.file '{bad}' is not a tokenizer the tokenizers "
+                                               r"library reads \(.+\): give a tokenizer.json saved by it"):
+    data_lib.load(tiny_config)
+  tiny_config.data.tokenizer.file = str(tmp_path)
+  with pytest.raises(data_lib.DataError, match=rf"data.tokenizer.file '{tmp_path}' is a directory. Give the path"):
+    data_lib.load(tiny_config)
+
+
 def test_a_crash_while_writing_leaves_no_cache(tiny_config, monkeypatch):
   real_save = np.save
   calls = []
@@ -126,7 +138,8 @@ def rewrite_meta(path, **changes):
 
 
 @pytest.mark.parametrize("damage", ["another split", "truncated", "ids beyond the vocabulary", "wrong dtype",
-                                    "no meta.json", "tokenizer.json edited"])
+                                    "no meta.json", "tokenizer.json edited", "meta.json's dtype edited",
+                                    "meta.json's vocab_size a string"])
 def test_a_damaged_cache_is_rebuilt_never_used(tiny_config, capsys, damage):
   original = data_lib.load(tiny_config)
   path = original.path
@@ -151,6 +164,11 @@ def test_a_damaged_cache_is_rebuilt_never_used(tiny_config, capsys, damage):
     rewrite_meta(path, sha256={**sha, "train.npy": data_lib._file_sha256(train_npy)})
   elif damage == "no meta.json":
     os.remove(os.path.join(path, "meta.json"))
+  elif damage == "meta.json's dtype edited":
+    rewrite_meta(path, dtype="foo")
+  elif damage == "meta.json's vocab_size a string":
+    with open(os.path.join(path, "meta.json")) as f:
+      rewrite_meta(path, vocab_size=str(json.load(f)["vocab_size"]))
   else:
     with open(os.path.join(path, "tokenizer.json"), "a") as f:
       f.write(" ")

@@ -287,6 +287,23 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_what_was_saved(settin
   assert inspected[0].endswith("checkpoints") and inspected[1].startswith("last: in epoch 1, step 10, ")
 
 
+def test_a_disk_full_from_the_start_is_one_line_and_leaves_no_work_directory(setting, tmp_path):
+  root, args, _ = setting
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  prefix = mount_small_disk(disk, "64k")
+  if prefix is None:
+    pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
+  workdir = disk / "run"
+  script = (f"cat /dev/zero >{disk}/filler 2>/dev/null; {sys.executable} -u {CHILD} none {' '.join(args)} "
+            f"--config.workdir={workdir} >{tmp_path}/out 2>{tmp_path}/err; echo $? >{tmp_path}/rc; "
+            f"ls -A {disk} >{tmp_path}/left")
+  subprocess.run(prefix + ["sh", "-c", script], cwd=root, env=subprocess_env(), timeout=120)
+  assert (tmp_path / "rc").read_text().strip() == "1"
+  assert (tmp_path / "err").read_text().splitlines() == [f"error: No space left on device: {workdir}/run.lock"]
+  assert (tmp_path / "left").read_text().split() == ["filler"]  # the work directory it made is removed
+
+
 @pytest.mark.parametrize("folder", ["raw_dir", "processed_dir"])
 def test_a_full_disk_while_preparing_the_data_is_one_line_naming_the_folder(tmp_path, folder):
   """The datasets library wraps a full disk in its own error types: the message still names the
