@@ -133,6 +133,8 @@ def _describe_flag_error(e: Exception, argv: list[str]) -> str:
     flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(wrong)}(\.|$)", a.split("=")[0])),
                 wrong)
     return f"{flag}: unknown config key '{wrong}' (did you mean '{suggestion}'?)"
+  if isinstance(e, AttributeError) and "has no attribute 'get_config'" in text:  # ml_collections' config file
+    return "cannot load the config file: it defines no get_config() returning the config (see configs/base.py)"
   if isinstance(e, (KeyError, AttributeError)):
     key = text.splitlines()[0].strip("'\"")
     flag = next((a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{key}")), f"--...{key}")

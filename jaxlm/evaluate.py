@@ -120,11 +120,14 @@ def make_eval_step(apply_fn, mesh: jax.sharding.Mesh | None = None, params_shard
 
 def evaluate(eval_step, params, tokens: np.ndarray, token_bytes: np.ndarray, num_words: int | None,
              context: int, stride: int | None = None, batch_size: int = 16, per_call: int = 1,
-             stop: Callable[[], bool] = lambda: False) -> dict | None:
+             stop: Callable[[], bool] = lambda: False, multiple: int = 1) -> dict | None:
   """Loss, perplexity, bits per byte and word-level perplexity of `tokens` (one split), up to
   `per_call` batches per call of `eval_step` (`batches_per_call`), or None if `stop()` turned true on
-  the way (checked between calls: a stop waits at most for two)."""
+  the way (checked between calls: a stop waits at most for two). Batches of `batch_size` windows (a
+  multiple of `multiple`), or fewer when the split has fewer: padding windows cost as real ones do."""
   stride = context - 1 if stride is None else stride
+  num_windows = len(_starts(len(tokens), context, stride))
+  batch_size = min(batch_size, -(-num_windows // multiple) * multiple)
   in_flight, sums = [], []
   for ids, weights in calls(tokens, context, stride, batch_size, per_call):
     if stop():

@@ -685,7 +685,8 @@ class _Run:
     stop = lambda: next(calls) % every == 0 and self.agreed_stop() is not None  # noqa: E731
     return evaluate_lib.evaluate(self.eval_fn, self.state.model_params if params is None else params,
                                  corpus.tokens[split], corpus.token_bytes, corpus.meta["splits"][split]["words"],
-                                 self.config.data.seq_length, batch_size=batch_size, per_call=per_call, stop=stop)
+                                 self.config.data.seq_length, batch_size=batch_size, per_call=per_call, stop=stop,
+                                 multiple=multiple)
 
   def _make_sampler(self) -> tuple:
     """(the jitted sampler, the prompt's ids) for samples while training; (None, None) when off."""

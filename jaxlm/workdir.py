@@ -204,6 +204,10 @@ def load(workdir: str, checkpoint: str = "best", device: str = "auto") -> Traine
                        f"({', '.join(sorted({d.platform for d in jax.devices()}))})") from None
   config.model.attention = "auto"  # the kernel was chosen for the training device; this one's, the same function
   vocab_size = params["tok_emb"].shape[0]
+  if tokenizer.get_vocab_size() != vocab_size:  # ids past the embedding would read NaN, silently
+    raise WorkdirError(f"{tokenizer_path} has {tokenizer.get_vocab_size():,} tokens, the model {vocab_size:,}: it "
+                       f"is not the run's tokenizer (replaced?). The run's data cache holds a copy "
+                       f"(data/processed/<name>/tokenizer.json)")
   dtype = config_lib.compute_dtype(config, dev)
   model = model_lib.build(config, vocab_size, dtype, config_lib.attention_kernel(config, dev, dtype))
   params = jax.device_put(params, dev)

@@ -65,6 +65,13 @@ def cases(root, overrides):
     for name in files:
       if "ocdbt" in dirpath or name.startswith("manifest"):
         (open(os.path.join(dirpath, name), "wb")).write(b"garbage")
+  (root / "no_get_config.py").write_text("learning_rate = 3e-4\n")
+  retokenized = root / "retokenized_run"
+  shutil.copytree(run, retokenized)
+  from tokenizers import ByteLevelBPETokenizer
+  other = ByteLevelBPETokenizer()
+  other.train_from_iterator(["another tokenizer"] * 4, vocab_size=300, special_tokens=["<|endoftext|>"])
+  other.save(str(retokenized / "tokenizer.json"))
   return [
       ("mistyped key", main + ["--config.training.learning_rat=1"], 2,
        "error: --config.training.learning_rat: unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
@@ -73,6 +80,8 @@ def cases(root, overrides):
        "error: cannot load the config file: [Errno 2] No such file or directory: 'nowhere.py'"),
       ("config variant unknown", ["jaxlm.main", f"--config={BASE_CONFIG}:huge"], 2,
        "error: cannot load the config file: ValueError: unknown config variant 'huge'"),
+      ("config file without get_config", ["jaxlm.main", f"--config={root / 'no_get_config.py'}"], 2,
+       "error: cannot load the config file: it defines no get_config() returning the config (see configs/base.py)"),
       ("no config", ["jaxlm.main"], 2, "error: flag --config=None: Flag --config must have a value other than None."),
       ("value of the wrong type", main + ["--config.training.learning_rate=fast"], 2,
        "error: flag --config.training.learning_rate=fast: could not convert string to float: 'fast'"),
@@ -101,6 +110,8 @@ def cases(root, overrides):
        "error: --config.data.seq_lenght: unknown config key 'seq_lenght' (did you mean 'seq_length'?)"),
       ("data: missing folder", ["jaxlm.data", f"--config={BASE_CONFIG}:tiny", f"--config.data.data_dir={root / 'x'}"],
        1, f"error: data.data_dir '{root / 'x'}' is not a directory"),
+      ("evaluate: another tokenizer", ["jaxlm.evaluate", f"--workdir={retokenized}"], 1,
+       f"error: {retokenized / 'tokenizer.json'} has {other.get_vocab_size():,} tokens, the model "),
       ("inspect: no argument", ["jaxlm.inspect"], 2, "error: usage: python -m jaxlm.inspect WORKDIR"),
       ("inspect: not a run", ["jaxlm.inspect", str(root / "corpus")], 1,
        f"error: no checkpoints in {root / 'corpus' / 'checkpoints'}"),

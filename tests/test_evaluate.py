@@ -109,6 +109,19 @@ def test_evaluate_is_exact_whatever_the_batch_size(stride):
                          f"sliding window of 16 tokens, stride {stride}")
 
 
+def test_a_batch_larger_than_the_split_shrinks_to_its_windows():
+  model, params = small_model()
+  tokens = np.random.default_rng(0).integers(0, 64, 75)  # 5 windows of 16 tokens
+  step, shapes = evaluate_lib.make_eval_step(model.apply), []
+  eval_step = lambda params, ids, weights: shapes.append(ids.shape) or step(params, ids, weights)  # noqa: E731
+  small = evaluate_lib.evaluate(eval_step, params, tokens, np.ones(64, int), None, 16, batch_size=2)
+  large = evaluate_lib.evaluate(eval_step, params, tokens, np.ones(64, int), None, 16, batch_size=100_000)
+  on_4 = evaluate_lib.evaluate(eval_step, params, tokens, np.ones(64, int), None, 16, batch_size=100_000, multiple=4)
+  assert shapes == [(1, 2, 16)] * 3 + [(1, 5, 16), (1, 8, 16)]
+  assert large["loss"] == pytest.approx(small["loss"], rel=1e-6)
+  assert on_4["loss"] == pytest.approx(small["loss"], rel=1e-6)
+
+
 def test_a_split_shorter_than_the_context_is_one_forward_pass_in_every_mode():
   model, params = small_model()
   tokens = np.random.default_rng(1).integers(0, 64, 12)
