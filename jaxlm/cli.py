@@ -100,16 +100,23 @@ def naming(path: str):
     raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
 
 
+# What makes a training run need less device memory (the commands that use a trained model say their own).
+SMALLER_RUN = ("a smaller batch (--config.training.batch_size, --config.training.eval_batch_size), shorter "
+               "sequences or a smaller model; or spread it over more devices (--config.mesh.fsdp shards the "
+               "parameters and optimizer state)")
+
+
 def run(main: Callable[[list[str]], None], config_flag: str | None = None, nargs: int = 0,
-        usage: str | None = None) -> None:
+        usage: str | None = None, smaller: str = SMALLER_RUN) -> None:
   """app.run(main) with one-line errors. `config_flag` names an ml_collections config flag whose
   file is loaded while parsing, so that a missing or broken config file is a usage error too;
-  `nargs` is the number of arguments besides flags (`usage` says which, when there are any)."""
+  `nargs` is the number of arguments besides flags (`usage` says which, when there are any);
+  `smaller`, how to make the command's work fit when the device runs out of memory."""
   def checked(argv):
     if len(argv) - 1 != nargs:
       raise UsageError(usage or f"unexpected arguments: {' '.join(argv[1:])}")
     main(argv)
-  app.run(lambda argv: _call(checked, argv), flags_parser=lambda argv: _parse(argv, config_flag))
+  app.run(lambda argv: _call(checked, argv, smaller), flags_parser=lambda argv: _parse(argv, config_flag))
 
 
 def _parse(argv: list[str], config_flag: str | None) -> list[str]:
@@ -189,7 +196,7 @@ def out_of_memory(e: BaseException) -> bool:
       "RESOURCE_EXHAUSTED")
 
 
-def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
+def _call(main: Callable[[list[str]], None], argv: list[str], smaller: str) -> None:
   verbose = _VERBOSE.value
   sys.unraisablehook = signals_not_dropped(sys.unraisablehook)
   if not verbose and not flags.FLAGS["verbosity"].present:
@@ -220,11 +227,8 @@ def _call(main: Callable[[list[str]], None], argv: list[str]) -> None:
       raise  # a bug: its traceback
     lines = str(e).strip().splitlines()  # XLA's autotuner puts the allocation that failed further down
     xla = next((line for line in lines if "Out of memory" in line), lines[0])[:300].rstrip(".")
-    raise SystemExit(f"error: the device ran out of memory ({xla}). Make the work smaller: a smaller batch "
-                     f"(--config.training.batch_size, --config.training.eval_batch_size, "
-                     f"or the command's --batch_size), shorter sequences or a smaller model; or spread it over more "
-                     f"devices (--config.mesh.fsdp shards the parameters and optimizer state). What was saved "
-                     f"before is intact.") from None
+    raise SystemExit(f"error: the device ran out of memory ({xla}). Make the work smaller: {smaller}. What was "
+                     f"saved before is intact.") from None
   except KeyboardInterrupt:  # a Ctrl-C before the command could stop cleanly, or a second one
     if verbose:
       raise

@@ -217,4 +217,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from jaxlm import cli
   _define_flags()
-  cli.run(main)
+  cli.run(main, smaller="a smaller --batch_size or --context")

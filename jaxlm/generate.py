@@ -23,6 +23,7 @@ from jax.experimental import io_callback
 from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm import sharding as sharding_lib
 from jaxlm.data import END_OF_TEXT
 
 MAX_NEW_TOKENS = 2**30  # positions are int32
@@ -270,6 +271,17 @@ def _read_prompts(FLAGS) -> list[str]:
   return prompts
 
 
+def _check_fits(compiled, device, what: str) -> None:
+  """GenerateError when the compiled sampler needs more memory than `device` has: refused before
+  it runs (XLA would abort the process on a CPU)."""
+  memory = compiled.memory_analysis()
+  have, where = sharding_lib.memory_limit(device)
+  need = memory and memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+  if have and need and need > have:
+    raise GenerateError(f"{what} need {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {where}: "
+                        f"ask for fewer prompts or --num_samples, or a smaller --max_new_tokens")
+
+
 def main(argv) -> None:
   from absl import flags
   from jaxlm import workdir
@@ -290,29 +302,32 @@ def main(argv) -> None:
                   top_p=pick(FLAGS.top_p, s.top_p))
   encoded = [encode_prompt(trained.tokenizer, p, trained.context, lambda m: print(m, file=sys.stderr))
              for p in prompts]
-  ids = [prompt_ids for prompt_ids in encoded for _ in range(FLAGS.num_samples)]
-  rows = [(p, i) for p in range(len(prompts)) for i in range(FLAGS.num_samples)]
   end_id = trained.tokenizer.token_to_id(END_OF_TEXT)
-  streaming = len(ids) == 1
+  rows, longest = len(encoded) * FLAGS.num_samples, max(len(e) for e in encoded)
   print(f"{trained.path}: {FLAGS.max_new_tokens} new tokens per prompt, temperature {settings['temperature']}, "
         f"top_k {settings['top_k']}, top_p {settings['top_p']}", file=sys.stderr, flush=True)
-  if streaming:
-    print(trained.tokenizer.decode(ids[0]), end="", flush=True)
-  stream = TextStream(trained.tokenizer) if streaming else None
+  stream = TextStream(trained.tokenizer) if rows == 1 else None
   with cli.interrupt_after() as interrupted:  # a Ctrl-C, or a reader gone (`| head`), ends the decode soon
     sampler = make_sampler(trained.model, FLAGS.max_new_tokens, **settings, end_id=end_id, stream=stream,
                            stop=lambda: interrupted() or bool(stream and stream.error))
+    # Compiled for the rows' shapes, and refused if it cannot fit, before any row is made.
+    sampler = sampler.lower(trained.params, jax.ShapeDtypeStruct((rows, longest), jnp.int32),
+                            jax.ShapeDtypeStruct((rows,), jnp.int32), 0).compile()
+    _check_fits(sampler, trained.device, f"{rows:,} rows of up to {longest + FLAGS.max_new_tokens:,} tokens")
+    ids = [prompt_ids for prompt_ids in encoded for _ in range(FLAGS.num_samples)]
+    if stream:
+      print(trained.tokenizer.decode(ids[0]), end="", flush=True)
     tokens, lengths = jax.device_get(sampler(trained.params, *pad_prompts(ids), pick(FLAGS.seed, s.seed)))
-  if streaming:  # the text is out already
+  if stream:  # the text is out already
     stream.close()
     print(flush=True)
     return
   new = completions(tokens, lengths, [len(i) for i in ids], end_id)
-  for (p, i), prompt_ids, new_ids in zip(rows, ids, new):
-    print(f"--- prompt {p + 1}, sample {i + 1} ---")
+  for row, (prompt_ids, new_ids) in enumerate(zip(ids, new)):
+    print(f"--- prompt {row // FLAGS.num_samples + 1}, sample {row % FLAGS.num_samples + 1} ---")
     print(trained.tokenizer.decode(prompt_ids + new_ids), flush=True)
 
 
 if __name__ == "__main__":
   _define_flags()
-  cli.run(main)
+  cli.run(main, smaller="fewer prompts or --num_samples, or a smaller --max_new_tokens")

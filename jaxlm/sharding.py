@@ -290,16 +290,22 @@ def check_fits(abstract_state, shardings, mesh: Mesh) -> None:
   per_device = sum(int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
                    for leaf, sharding in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)))
   device = mesh.devices.flat[0]
+  have, what = memory_limit(device)
   if device.platform == "cpu":  # the devices of a process share its machine's memory
-    have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
     need, more = per_device * sum(d.process_index == jax.process_index() for d in mesh.devices.flat), ""
   else:
-    have, what = (device.memory_stats() or {}).get("bytes_limit"), f"the memory JAX may use on the {device.device_kind}"
     need, more = per_device, ", or shard it over more devices with --config.mesh.fsdp"
   if have and need > have:
     raise config_lib.ConfigError(
         f"the parameters and optimizer state alone take {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} "
         f"GiB of {what}: make the model smaller (model.d_model, model.d_ff, model.num_layers, the vocabulary){more}")
+
+
+def memory_limit(device) -> tuple[int | None, str]:
+  """(bytes a program on `device` may use, or None where JAX does not say; what they are)."""
+  if device.platform == "cpu":
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+  return (device.memory_stats() or {}).get("bytes_limit"), f"the memory JAX may use on the {device.device_kind}"
 
 
 def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

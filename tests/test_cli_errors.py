@@ -151,19 +151,21 @@ def _refuses_huge_allocations() -> bool:
 
 
 @pytest.mark.skipif(not _refuses_huge_allocations(), reason="needs Linux refusing a 16 TB allocation")
-def test_running_out_of_device_memory_is_one_error_line():
+@pytest.mark.parametrize("smaller", [None, "fewer prompts"])
+def test_running_out_of_device_memory_is_one_error_line(smaller):
   """XLA's own out-of-memory error (a real one: 16 TB asked of the CPU), through the commands' error
-  handling: one line saying what to make smaller, status 1."""
+  handling: one line saying what to make smaller (a training run's, or the command's own), status 1."""
   program = ("import jax, jax.numpy as jnp\n"
              "from jaxlm import cli\n"
-             "cli.run(lambda argv: jax.jit(lambda: jnp.ones((2 ** 42,)))().block_until_ready())\n")
+             "cli.run(lambda argv: jax.jit(lambda: jnp.ones((2 ** 42,)))().block_until_ready()"
+             + (f", smaller={smaller!r})\n" if smaller else ")\n"))
   done = subprocess.run([sys.executable, "-c", program], env=subprocess_env(), capture_output=True, text=True,
                         timeout=120)
   assert done.returncode == 1, done.stderr
   (line,) = done.stderr.strip().splitlines()
   assert line.startswith("error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
-                         "17592186044416 bytes). Make the work smaller: a smaller batch (--config.training.batch_size")
-  assert line.endswith("What was saved before is intact.")
+                         f"17592186044416 bytes). Make the work smaller: {smaller or 'a smaller batch (--config.'}")
+  assert line.endswith(". What was saved before is intact.")
 
 
 def test_a_ctrl_c_that_python_drops_still_interrupts_every_command():

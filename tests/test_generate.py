@@ -1,6 +1,7 @@
 """Decoding with a KV cache, sampling, and `python -m jaxlm.generate`."""
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -255,6 +256,13 @@ def test_generate_command_works_from_the_workdir_alone(tiny_config, tmp_path):
   long = run_generate(workdir, f"--prompt={long_prompt}", "--max_new_tokens=40", cwd=tmp_path)
   assert long.returncode == 0, long.stderr
   assert "more than the model's context of 32: only its last 32 are used" in long.stderr
+
+  # More rows than memory holds: refused before they are made (XLA aborted the process on a CPU).
+  huge = run_generate(workdir, "--prompt= The", "--num_samples=100000000", "--max_new_tokens=100", cwd=tmp_path)
+  assert huge.returncode == 1 and "Traceback" not in huge.stderr, huge.stderr
+  assert re.fullmatch(r"error: 100,000,000 rows of up to 10[0-9] tokens need [0-9,.]+ GiB, more than the [0-9,.]+ GiB "
+                      r"of this machine's memory: ask for fewer prompts or --num_samples, or a smaller "
+                      r"--max_new_tokens", huge.stderr.strip().splitlines()[-1]), huge.stderr
 
   # The decode loop runs on the device, yet a Ctrl-C ends it within a few tokens (status 130), and a
   # reader that goes away (`| head`) ends it quietly.
