@@ -143,19 +143,25 @@ def _check_text_file(path: str) -> None:
     raise DataError(f"{path} is not UTF-8 text (it ends inside a character). Convert it to UTF-8.") from None
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = _FULL + (errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR)
+
+
 def _raw_cache_error(config: ml_collections.ConfigDict, error: BaseException) -> DataError | None:
-  """The error to report when `datasets` failed because a disk was full or read-only (it wraps such
-  an OSError in its own types): its cache in data.raw_dir, unless the OSError names another file."""
+  """The error to report when `datasets` failed to write its cache in data.raw_dir (a full or
+  read-only disk, a missing permission, a file in the way: it wraps such an OSError in its own
+  types), or a full disk elsewhere; None when the cause is something else (e.g. an unreadable file)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    if isinstance(error, OSError) and error.errno in _NOT_WRITABLE:
       raw_dir = os.path.abspath(config.data.raw_dir)
-      if error.filename and os.path.commonpath([raw_dir, os.path.abspath(error.filename)]) != raw_dir:
+      if not error.filename or os.path.commonpath([raw_dir, os.path.abspath(error.filename)]) == raw_dir:
+        return DataError(f"cannot write the datasets cache in {config.data.raw_dir} ({error.strerror}). Point "
+                         f"--config.data.raw_dir at a writable folder with free space.")
+      if error.errno in _FULL:
         return DataError(f"cannot write {error.filename} ({error.strerror}) while reading the data: free "
                          f"space there.")
-      return DataError(f"cannot write the datasets cache in {config.data.raw_dir} ({error.strerror}). Point "
-                       f"--config.data.raw_dir at a writable folder with free space.")
     error = error.__cause__ or error.__context__
   return None
 
@@ -286,7 +292,11 @@ def load(config: ml_collections.ConfigDict, data_spec: tuple[dict, dict] | None 
     corpus, problem = _open_cache(path)
     if problem:
       print(f"data: WARNING: the cache {path} is damaged ({problem}); rebuilding it", flush=True)
-      _discard(path, config.data.processed_dir)
+      try:
+        _discard(path, config.data.processed_dir)
+      except OSError as e:
+        raise DataError(f"cannot rebuild the data cache in {config.data.processed_dir} ({e.strerror or e}). "
+                        f"Point --config.data.processed_dir at a writable folder with free space.") from None
     else:
       log(f"cache hit {path}")
   if corpus is None:

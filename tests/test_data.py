@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import shutil
@@ -180,6 +181,19 @@ def test_a_damaged_cache_is_rebuilt_never_used(tiny_config, capsys, damage):
   assert cache_folders(tiny_config) == [os.path.basename(path)]  # nothing left aside
   again = data_lib.load(tiny_config, verbose=True)  # and the rebuilt cache is trusted
   assert "cache hit" in capsys.readouterr().out and np.array_equal(again.tokens["train"], train)
+
+
+def test_a_damaged_cache_in_a_folder_that_cannot_be_written_is_one_clear_error(tiny_config, monkeypatch):
+  path = data_lib.load(tiny_config).path
+  os.remove(os.path.join(path, "meta.json"))
+
+  def refused(*args, **kwargs):  # a read-only folder (root writes to any: the permission is simulated)
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(tiny_config.data.processed_dir, "x"))
+
+  monkeypatch.setattr(data_lib.tempfile, "mkdtemp", refused)
+  with pytest.raises(data_lib.DataError, match=rf"^cannot rebuild the data cache in {tiny_config.data.processed_dir} "
+                                               r"\(Permission denied\). Point --config.data.processed_dir at a "):
+    data_lib.load(tiny_config)
 
 
 def test_text_that_is_not_utf8_or_not_text_is_named(tiny_config, corpus_dir):
