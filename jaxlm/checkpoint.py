@@ -72,11 +72,10 @@ class Checkpoints:
     """The checkpoint a run resumes from: `last`, else `best` (a whole state too, at the end of its
     epoch: `last` is missing after a kill between the first epoch's two saves, or when moved away),
     else None: a new run."""
-    for name in NAMES:
-      path = os.path.join(self.directory, name)
+    for path in (self.directory, *(os.path.join(self.directory, name) for name in NAMES)):
       if os.path.lexists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a directory, where orbax keeps the `{name}` checkpoint: move it "
-                              f"out of the way and re-run")
+        raise CheckpointError(f"{path} is not a directory, where orbax keeps the checkpoints: move it out of the "
+                              f"way and re-run")
     return next((name for name in NAMES if self.exists(name)), None)
 
   def step(self, name: str) -> int | None:

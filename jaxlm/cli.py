@@ -166,27 +166,37 @@ def _without_closed_loop_noise(unraisablehook):
   return hook
 
 
+def signal_of(e: BaseException | None) -> signal.Signals | None:
+  """The signal whose handler raised `e`: SIGINT for a KeyboardInterrupt, SIGTERM for a run's
+  SystemExit(143) (`run._StopRequest`); None for anything else."""
+  if isinstance(e, KeyboardInterrupt):
+    return signal.SIGINT
+  if isinstance(e, SystemExit) and e.code == 128 + signal.SIGTERM:
+    return signal.SIGTERM
+  return None
+
+
+def resend_later(signum: int, wanted: Callable[[], bool] = lambda: True) -> None:
+  """Sends `signum` to the main thread again, 50 ms from now (if `wanted()` still says so then):
+  for a signal whose exception Python dropped. Sent from the hook that learns it, its handler would
+  run inside that hook, and be dropped again; a real signal also ends a sleep or a wait."""
+  def send(thread: int) -> None:
+    time.sleep(0.05)
+    if wanted():
+      signal.pthread_kill(thread, signum)
+  _thread.start_new_thread(send, (threading.main_thread().ident,))  # (threading's start() would wait for it)
+
+
 def signals_not_dropped(unraisablehook):
   """Python drops an exception raised inside a callback it calls, e.g. a garbage collector's (JAX has
-  one), and goes on: a signal's, raised there by its handler (a Ctrl-C's KeyboardInterrupt, seen while
-  data was tokenized; a run's SystemExit(128 + signal)), is raised again in the main thread instead:
-  the signal is sent again, later, so that its handler runs in the main thread once this hook has
-  returned (sent from here, the handler would run here, and be dropped again)."""
+  one), and goes on: a Ctrl-C's KeyboardInterrupt raised there (seen while data was tokenized) is
+  sent again instead, and stops the command."""
   def hook(unraisable):
-    e = unraisable.exc_value
-    if isinstance(e, KeyboardInterrupt):
-      signum = signal.SIGINT
-    elif isinstance(e, SystemExit) and e.code in {128 + s for s in signal.Signals}:
-      signum = signal.Signals(e.code - 128)
-    else:
+    signum = signal_of(unraisable.exc_value)
+    if signum is None:
       return unraisablehook(unraisable)
-    _thread.start_new_thread(_deliver_later, (threading.main_thread().ident, signum))  # (Thread.start waits)
+    resend_later(signum)
   return hook
-
-
-def _deliver_later(thread: int, signum: int) -> None:
-  time.sleep(0.05)  # long after the hook has returned, so that the handler does not run inside it
-  signal.pthread_kill(thread, signum)  # a real signal (which ends a sleep or wait), to the main thread
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -89,7 +89,8 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "training.b2": (float, _fraction),
     "training.eps": (float, _positive),
     "training.patience": (int, _positive),
-    "training.seed": (int, lambda v: 0 <= v < 2**63 or "must be in [0, 2**63)"),
+    # (jax.random.PRNGKey keeps 32 bits: seeds 2**32 apart would start from the same weights)
+    "training.seed": (int, lambda v: 0 <= v < 2**32 or "must be in [0, 2**32)"),
     "training.log_every_steps": (int, _positive),
     "training.checkpoint_every_steps": (int, _non_negative),
     "training.checkpoint_every_minutes": (float, _non_negative),

@@ -18,7 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "override any value with --config.<group>.<key>=VALUE.", lock_config=True)
 _FRESH = flags.DEFINE_bool(
     "fresh", False, "Start a new run even if the work directory has a checkpoint (the old run is "
-    "moved aside to <workdir>.old-<time>, not deleted). Without it, a run resumes from `last`.")
+    "moved aside to <workdir>.old-<time>, not deleted). Without it, a run resumes from `last` (or "
+    "`best` when `last` is gone).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join the other processes of a multi-host run as the cluster environment "
     "says (SLURM, Open MPI, Cloud TPU, ...: what jax.distributed.initialize() detects).")

@@ -38,7 +38,7 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
-from jaxlm.cli import UserError, interrupt_after, signals_not_dropped
+from jaxlm.cli import UserError, interrupt_after, resend_later, signal_of
 
 
 class TrainingError(UserError):
@@ -147,12 +147,26 @@ class _StopRequest:
     self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, self._handle)
     signal.signal(signal.SIGTERM, self._handle)
-    self._unraisablehook = sys.unraisablehook  # (as `cli` does for every command: also for callers of the library)
-    sys.unraisablehook = signals_not_dropped(sys.unraisablehook)
+    self._unraisablehook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
     return self
 
+  def _unraisable(self, unraisable):
+    """Python drops an exception raised inside a callback it calls, e.g. a garbage collector's (JAX
+    has one), and goes on: one of `_handle`'s is sent again (`cli.signals_not_dropped`), unless the
+    run has moved to another phase meanwhile (`training` acts on a setup's signal itself)."""
+    signum = signal_of(unraisable.exc_value)
+    if signum is None:
+      return self._unraisablehook(unraisable)
+    phase = self._phase
+    resend_later(signum, lambda: self._phase == phase)
+
   def training(self) -> None:
-    """From here on a signal asks for a stop at the next step boundary."""
+    """From here on a signal asks for a stop at the next step boundary. A setup's signal whose
+    exception Python dropped, and that has not been sent again yet, stops the run here."""
+    if self.signum is not None:
+      self._phase = "stopping"
+      self._stop_at_once(self.signum)
     self._phase = "training"
 
   def closing(self) -> None:
@@ -200,6 +214,7 @@ class _StopRequest:
       self._quit_now(self._quit)
 
   def __exit__(self, *exc):
+    self._phase = "done"
     sys.unraisablehook = self._unraisablehook
     for s, handler in self._previous.items():
       signal.signal(s, handler)

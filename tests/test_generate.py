@@ -140,7 +140,8 @@ def test_top_k_and_top_p_keep_exactly_their_sets_when_logits_tie():
   three = np.log(np.array([[0.4, 0.3, 0.3]], np.float32))
   np.testing.assert_array_equal(kept(three, 2, 1.0), [[True, True, False]])
   np.testing.assert_array_equal(kept(three, 0, 0.5), [[True, True, False]])  # 0.4 + 0.3 reaches 0.5
-  np.testing.assert_array_equal(kept(three, 0, 0.4), [[True, False, False]])
+  np.testing.assert_array_equal(kept(three, 0, 0.35), [[True, False, False]])
+  np.testing.assert_array_equal(kept(three, 0, 0.45), [[True, True, False]])
   np.testing.assert_array_equal(kept(three, 0, 1.0), [[True, True, True]])
   coarse = np.round(np.random.default_rng(0).normal(size=(8, 1000)), 1).astype(np.float32)  # many ties
   for k in (1, 10, 50, 200):

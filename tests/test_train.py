@@ -323,6 +323,22 @@ def test_a_ctrl_c_that_python_drops_while_the_data_is_prepared_stops_the_run_at_
   assert not os.path.exists(os.path.join(tiny_config.workdir, "metrics.jsonl"))  # no step was trained
 
 
+def test_a_ctrl_c_dropped_just_before_training_stops_the_run_once(tiny_config, monkeypatch):
+  """Dropped as the setup ends, before it is sent again: `training` stops the run itself, and the
+  signal is not sent again into the run's unwinding (where it would be a second Ctrl-C)."""
+  real_training = run_lib._StopRequest.training
+
+  def training(self):
+    assert fault_child.drop_a_sigint()
+    real_training(self)
+
+  monkeypatch.setattr(run_lib._StopRequest, "training", training)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.train_and_evaluate(tiny_config)
+  time.sleep(0.5)  # a KeyboardInterrupt sent again would land here
+  assert not os.path.exists(os.path.join(tiny_config.workdir, "metrics.jsonl"))
+
+
 def test_a_ctrl_c_once_the_run_is_tested_quits_at_once(tiny_config, monkeypatch):
   """After the test only the last saves are waited for: a Ctrl-C there ends the command (status 130),
   not a request to stop training that nothing would read any more."""
@@ -571,14 +587,16 @@ def test_a_run_whose_last_is_missing_resumes_from_best_to_the_same_result(tiny_c
   assert read_metrics(tiny_config.workdir).iloc[0]["epoch_time_s"] == first_epoch["epoch_time_s"]  # not redone
 
 
-def test_a_checkpoint_path_that_is_a_file_is_refused_before_anything_is_written(tiny_config):
-  os.makedirs(os.path.join(tiny_config.workdir, "checkpoints"))
-  with open(os.path.join(tiny_config.workdir, "checkpoints", "last"), "w") as f:
+@pytest.mark.parametrize("path", ["checkpoints", "checkpoints/last", "checkpoints/best"])
+def test_a_checkpoint_path_that_is_a_file_is_refused_before_anything_is_written(tiny_config, path):
+  os.makedirs(os.path.dirname(os.path.join(tiny_config.workdir, path)), exist_ok=True)
+  with open(os.path.join(tiny_config.workdir, path), "w") as f:
     f.write("not a checkpoint")
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"checkpoints/last is not a directory, where orbax keeps "
-                                                           r"the `last` checkpoint: move it out of the way"):
+  with pytest.raises(checkpoint_lib.CheckpointError, match=rf"{path} is not a directory, where orbax keeps the "
+                                                           r"checkpoints: move it out of the way"):
     run_lib.train_and_evaluate(tiny_config)
   assert sorted(os.listdir(tiny_config.workdir)) == ["checkpoints"]
+  assert not os.path.exists(tiny_config.data.processed_dir)  # refused before the data was prepared
 
 
 def test_resume_at_an_epoch_boundary_continues_the_same_run(tiny_config, tmp_path, capsys):
