@@ -20,7 +20,9 @@ import os
 
 import ml_collections
 
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import data as data_lib
 from jaxlm import run as run_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.cli import UsageError, UserError
@@ -106,7 +108,11 @@ def changed_settings(point: ml_collections.ConfigDict) -> list[str]:
     return []
   with open(path) as f:
     old = config_lib.flatten(config_lib.upgrade(json.load(f)))
-  return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config_lib.flatten(point).items()
+  new = config_lib.flatten(point)
+  if point.model.init_from:  # the run's config.json holds the shape and tokenizer init_from gave it
+    from jaxlm import export
+    new.update(export.gpt2_overrides(point.model.init_from))
+  return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
           if old.get(k) != v and k not in _HOW and not k.startswith("sample.")]
 
 
@@ -122,10 +128,21 @@ def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "test_metrics.json"))
 
 
+def _tested_at_its_end(workdir: str) -> bool:
+  """A point to skip: tested at the step its `last` checkpoint holds. (A test_metrics.json from
+  before the point was extended, with more epochs, then interrupted, is not of its newest state.)"""
+  if not is_finished(workdir):
+    return False
+  with open(os.path.join(workdir, "test_metrics.json")) as f:
+    tested = json.load(f).get("global_step")
+  with checkpoint_lib.Checkpoints(workdir, writer=False) as checkpoints:
+    return tested == checkpoints.step("last")
+
+
 def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdir: str) -> list[dict]:
   """Trains every point not yet finished, one after another; returns the table's rows. A point whose
-  training fails (e.g. diverges at a high learning rate) is reported as failed, and the sweep goes
-  on; running the sweep again tries it again."""
+  training fails (e.g. diverges at a high learning rate, or its batch does not fit the data) is
+  reported as failed, and the sweep goes on; running the sweep again tries it again."""
   points = grid(config, sweeps, workdir)
   changes = {os.path.basename(p.workdir): changed_settings(p) for p in points}
   refused = {name: [c for c in changed if not c.startswith(_EXTENDING)] for name, changed in changes.items()}
@@ -139,14 +156,15 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
   workdir_lib.write_json(os.path.join(workdir, "sweep.json"), {"sweep": sweeps, "config": config.to_dict()})
   for i, point in enumerate(points, 1):
     name, failed = os.path.basename(point.workdir), os.path.join(point.workdir, FAILED_FILE)
-    if is_finished(point.workdir) and not changes[name]:
+    if _tested_at_its_end(point.workdir) and not changes[name]:
       print(f"sweep: point {i}/{len(points)} {name} is finished; skipped", flush=True)
       continue
     print(f"sweep: point {i}/{len(points)} {name}", flush=True)
     try:
       run_lib.train_and_evaluate(point)
-    except run_lib.TrainingError as e:
+    except (run_lib.TrainingError, data_lib.DataError, config_lib.ConfigError) as e:  # about this point
       print(f"sweep: point {name} failed: {e}", flush=True)
+      os.makedirs(point.workdir, exist_ok=True)  # (one that failed while setting up left no directory)
       workdir_lib.write_atomically(failed, functools.partial(_write_text, text=str(e)))
     else:
       if os.path.exists(failed):
@@ -157,8 +175,10 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
 def run_row(point_dir: str, keys: list[str]) -> dict:
   """The table's row of one run directory (a sweep's point or any other run; one not finished has
   its epochs so far), with the config values of `keys`."""
-  with open(os.path.join(point_dir, workdir_lib.CONFIG_FILE)) as f:
-    flat = config_lib.flatten(json.load(f))
+  flat = {}  # (none for a point that failed while setting up: its name says its values)
+  if os.path.exists(os.path.join(point_dir, workdir_lib.CONFIG_FILE)):
+    with open(os.path.join(point_dir, workdir_lib.CONFIG_FILE)) as f:
+      flat = config_lib.flatten(json.load(f))
   row = {"point": os.path.basename(point_dir), **{k: flat.get(k) for k in keys}}
   epochs = read_epochs(point_dir)
   test = {}
@@ -189,8 +209,8 @@ def report(workdir: str) -> list[dict]:
     sweeps = json.load(f)["sweep"]
   keys = list(sweeps)
   order = [point_name(dict(zip(keys, values))) for values in itertools.product(*sweeps.values())]
-  runs = {d.name: d.path for d in os.scandir(workdir)
-          if d.is_dir() and os.path.exists(os.path.join(d.path, workdir_lib.CONFIG_FILE))}
+  runs = {d.name: d.path for d in os.scandir(workdir) if d.is_dir() and any(
+      os.path.exists(os.path.join(d.path, name)) for name in (workdir_lib.CONFIG_FILE, FAILED_FILE))}
   # The grid's order, then any run directories of earlier sweeps in the same folder.
   dirs = [runs[n] for n in order if n in runs] + sorted(p for n, p in runs.items() if n not in order)
   rows = [run_row(d, keys) for d in dirs]

@@ -9,6 +9,8 @@ import threading
 
 import pytest
 
+from jaxlm import export as export_lib
+from jaxlm import run as run_lib
 from jaxlm import sweep as sweep_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.cli import UsageError
@@ -79,6 +81,20 @@ def test_a_sweep_runs_every_point_skips_finished_ones_and_reports(tiny_config, t
   assert "the run in " in out and "is already complete (2 epochs)" in out  # the second resumed, nothing to train
   assert [r["test_perplexity"] for r in again] == [r["test_perplexity"] for r in rows]
 
+  # A test_metrics.json older than the point's `last` (the point was extended with more epochs, then
+  # interrupted) is not its end: the point runs on instead of being skipped for good.
+  path = os.path.join(workdir, "learning_rate=0.003", "test_metrics.json")
+  with open(path) as f:
+    tested = json.load(f)
+  with open(path, "w") as f:
+    json.dump({**tested, "global_step": 1}, f)
+  capsys.readouterr()
+  sweep_lib.run_sweep(tiny_config, sweeps, workdir)
+  out = capsys.readouterr().out
+  assert "point 1/2 learning_rate=0.003 is finished" not in out and "point 2/2 learning_rate=0.01 is finished" in out
+  with open(path) as f:
+    assert json.load(f)["global_step"] == tested["global_step"]
+
   # Settings other than the ones it ran with are refused before anything runs: the finished points'
   # results would otherwise be shown as those of the new settings.
   with open(os.path.join(workdir, "sweep.json")) as f:
@@ -111,6 +127,31 @@ def test_a_point_that_diverges_is_reported_failed_and_the_sweep_goes_on(tiny_con
                                                       ("learning_rate=0.003", "finished")]
   assert "sweep: point learning_rate=1e+30 failed: the training diverged by step" in capsys.readouterr().out
   assert rows[0]["test_perplexity"] is None and rows[1]["test_perplexity"] > 1
+
+
+def test_a_point_whose_batch_does_not_fit_the_data_is_reported_failed_and_the_sweep_goes_on(tiny_config, tmp_path,
+                                                                                            capsys):
+  tiny_config.training.epochs = 1
+  tiny_config.sample.max_new_tokens = 0
+  workdir = str(tmp_path / "sweep")
+  rows = sweep_lib.run_sweep(tiny_config, {"training.batch_size": [100_000, 8]}, workdir)
+  assert [(r["point"], r["status"]) for r in rows] == [("batch_size=100000", "failed"), ("batch_size=8", "finished")]
+  assert "sweep: point batch_size=100000 failed: the train split has " in capsys.readouterr().out
+
+
+def test_a_sweep_from_a_gpt2_directory_skips_its_finished_points_when_run_again(tiny_config, tmp_path, capsys):
+  tiny_config.training.epochs = 1
+  tiny_config.sample.max_new_tokens = 0
+  run_lib.train_and_evaluate(tiny_config)
+  hf = str(tmp_path / "hf")
+  export_lib.export(tiny_config.workdir, hf)
+  tiny_config.model.init_from = hf
+  tiny_config.model.d_model = 64  # replaced by the GPT-2's, as the tokenizer is: not a change on the re-run
+  workdir = str(tmp_path / "sweep")
+  sweep_lib.run_sweep(tiny_config, {"training.learning_rate": [1e-3]}, workdir)
+  capsys.readouterr()
+  sweep_lib.run_sweep(tiny_config, {"training.learning_rate": [1e-3]}, workdir)
+  assert "sweep: point 1/1 learning_rate=0.001 is finished; skipped" in capsys.readouterr().out
 
 
 def test_the_report_draws_the_learning_curves(tiny_config, tmp_path):
