@@ -252,24 +252,23 @@ def test_two_runs_on_one_work_directory(setting, tmp_path):
   assert not os.path.exists(tmp_path / "run" / "run.lock")  # released on exit
 
 
-def mount_small_disk(directory, size: str) -> list[str] | None:
-  """A command prefix that runs a command with a `size` tmpfs at `directory` (in a private mount
-  namespace: as root, or as a user where user namespaces are allowed); None where neither works."""
+def small_disk(tmp_path, size: str) -> tuple:
+  """(tmp_path/disk, a command prefix that runs a command with a `size` tmpfs mounted there, in a
+  private mount namespace: as root, or as a user where user namespaces are allowed); the test is
+  skipped where neither works."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
   for unshare in (["unshare", "-m"], ["unshare", "-rm"]):
-    probe = subprocess.run(unshare + ["sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {directory}"],
+    probe = subprocess.run(unshare + ["sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {disk}"],
                            capture_output=True)
     if probe.returncode == 0:
-      return unshare + ["sh", "-c", f'mount -t tmpfs -o size={size} tmpfs {directory} && exec "$@"', "sh"]
-  return None
+      return disk, unshare + ["sh", "-c", f'mount -t tmpfs -o size={size} tmpfs {disk} && exec "$@"', "sh"]
+  pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_what_was_saved(setting, tmp_path):
   root, args, _ = setting
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  prefix = mount_small_disk(disk, "700k")  # the first save (`last` at step 10, about 400 KB) fits, no more
-  if prefix is None:
-    pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
+  disk, prefix = small_disk(tmp_path, "700k")  # the first save (`last` at step 10, about 400 KB) fits, no more
   workdir = disk / "run"
   script = (f"{sys.executable} -u {CHILD} none {' '.join(args)} --config.workdir={workdir} "
             f">{tmp_path}/out 2>{tmp_path}/err; echo $? >{tmp_path}/rc; "
@@ -289,11 +288,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_what_was_saved(settin
 
 def test_a_disk_full_from_the_start_is_one_line_and_leaves_no_work_directory(setting, tmp_path):
   root, args, _ = setting
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  prefix = mount_small_disk(disk, "64k")
-  if prefix is None:
-    pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
+  disk, prefix = small_disk(tmp_path, "64k")
   workdir = disk / "run"
   script = (f"cat /dev/zero >{disk}/filler 2>/dev/null; {sys.executable} -u {CHILD} none {' '.join(args)} "
             f"--config.workdir={workdir} >{tmp_path}/out 2>{tmp_path}/err; echo $? >{tmp_path}/rc; "
@@ -309,11 +304,7 @@ def test_a_full_disk_while_preparing_the_data_is_one_line_naming_the_folder(tmp_
   """The datasets library wraps a full disk in its own error types: the message still names the
   folder that is full (data.raw_dir, its cache of the read files; data.processed_dir, the tokens)."""
   write_corpus(tmp_path / "corpus")
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  prefix = mount_small_disk(disk, "20k")
-  if prefix is None:
-    pytest.skip("cannot mount a small tmpfs here (needs root or user namespaces)")
+  disk, prefix = small_disk(tmp_path, "20k")
   dirs = {"raw_dir": tmp_path / "raw", "processed_dir": tmp_path / "processed", folder: disk / folder}
   done = subprocess.run(prefix + [sys.executable, "-m", "jaxlm.data", f"--config={BASE_CONFIG}:tiny",
                                   f"--config.data.data_dir={tmp_path / 'corpus'}",
