@@ -156,8 +156,11 @@ def _raw_cache_error(config: ml_collections.ConfigDict, error: BaseException) ->
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in _NOT_WRITABLE:
       raw_dir = os.path.abspath(config.data.raw_dir)
-      if (os.path.commonpath([raw_dir, os.path.abspath(error.filename)]) == raw_dir if error.filename
-          else error.errno in _FULL + (errno.EROFS,)):  # (a permission error without a file: a read, maybe)
+      if error.filename:
+        in_cache = os.path.commonpath([raw_dir, os.path.abspath(error.filename)]) == raw_dir
+      else:  # a full or read-only disk is a write; a permission error naming no file may be a read
+        in_cache = error.errno in _FULL + (errno.EROFS,)
+      if in_cache:
         return DataError(f"cannot write the datasets cache in {config.data.raw_dir} ({error.strerror}). Point "
                          f"--config.data.raw_dir at a writable folder with free space.")
       if error.errno in _FULL:
