@@ -90,7 +90,7 @@ def _resumable_meta(workdir: str) -> dict | None:
     return checkpoints.restore_meta(name) if name else None
 
 
-def _check_resumable(config, meta: dict, data_name: str, where: str) -> None:
+def _check_resumable(config, meta: dict, data_name: str, where: str, in_sweep: bool) -> None:
   """CheckpointError unless `config` (on the corpus cached as `data_name`) can resume `meta`'s run."""
   old, new = config_lib.flatten(config_lib.upgrade(meta["config"])), config_lib.flatten(config)
   clash = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in _MUST_MATCH if old.get(k) != new[k]]
@@ -100,14 +100,16 @@ def _check_resumable(config, meta: dict, data_name: str, where: str) -> None:
   if data_lib.fingerprint(meta["data"]) != data_lib.fingerprint(data_name):
     clash.append(f"data (tokenized corpus) {meta['data']} -> {data_name}: other text or tokenizer")
   if clash:
+    start_over = ("give the sweep another --workdir" if in_sweep else
+                  "start over with --fresh (the old run is kept aside) or another --config.workdir")
     raise checkpoint_lib.CheckpointError(
         f"the checkpoint in {where} belongs to a run with other settings ({'; '.join(clash)}). Resume "
-        f"with the same settings, or start over with --fresh (the old run is kept aside) or another "
-        f"--config.workdir.")
+        f"with the same settings, or {start_over}.")
 
 
-def _report_changes(config, meta: dict, num_steps: int) -> None:
-  """Prints the settings a resumed run changes, and warns when its schedule's length changes."""
+def _report_changes(config, meta: dict, num_steps: int, in_sweep: bool) -> None:
+  """Prints the settings a resumed run changes, and warns when its schedule's length changes (how
+  to keep it, except in a sweep: its points keep their settings)."""
   old = config_lib.flatten(config_lib.upgrade(meta["config"]))
   changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config_lib.flatten(config).items()
              if old.get(k) != v and k not in config_lib.LOCATION_KEYS]
@@ -115,8 +117,8 @@ def _report_changes(config, meta: dict, num_steps: int) -> None:
     print(f"resuming with changed settings: {'; '.join(changed)}", flush=True)
   if meta["num_steps"] != num_steps:
     print(f"WARNING: the learning-rate schedule now spans {num_steps:,} steps instead of "
-          f"{meta['num_steps']:,}: the rate jumps to the new curve at step {int(meta['global_step']):,}. "
-          f"Keep it with --config.training.num_steps={meta['num_steps']}.", flush=True)
+          f"{meta['num_steps']:,}: the rate jumps to the new curve at step {int(meta['global_step']):,}."
+          + ("" if in_sweep else f" Keep it with --config.training.num_steps={meta['num_steps']}."), flush=True)
 
 
 def _move_aside(workdir: str) -> None:
@@ -134,8 +136,9 @@ class _StopRequest:
   other processes of a multi-process run, `sharding_lib.leave_run`). Once it trains (`training`), the first
   SIGINT/SIGTERM is a request to stop after the current step (the run then saves `last`); a second
   one quits at once, except that a checkpoint being written is finished first (`saving`), so that no
-  save is lost half-way. Once it is done (`closing`: tested, its last saves being waited for), a
-  signal stops it at once again."""
+  save is lost half-way. While the trained run is tested (`testing`), the first one stops the test
+  at its next batch. Once it is done (`closing`: tested, its last saves being waited for), a signal
+  stops it at once again."""
 
   def __init__(self):
     self.signum = None
@@ -169,19 +172,25 @@ class _StopRequest:
       self._stop_at_once(self.signum)
     self._phase = "training"
 
+  def testing(self) -> None:
+    """The run is trained and `last` final: a signal now stops the test (re-running tests again)."""
+    self._phase = "testing"
+
   def closing(self) -> None:
     """The run is done: a signal now stops the command at once."""
     self._phase = "closing"
 
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
-    if self._phase != "training":
+    if self._phase not in ("training", "testing"):
       self.signum = signum
       self._stop_at_once(signum)
     if self.signum is None:
       self.signum = signum
       _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
-           f"(Ctrl-C again to quit at once)\n")
+           f"(Ctrl-C again to quit at once)\n" if self._phase == "training" else
+           f"\n{name}: stopping the test; the trained run is saved, and re-running the same command tests "
+           f"it (Ctrl-C again to quit at once)\n")
     elif self._saving:
       self._quit = signum
       _say(f"\n{name}: quitting as soon as the checkpoint being written is complete\n")
@@ -351,7 +360,7 @@ class _Setup:
     return self.config.training.epochs * self.steps_per_epoch
 
 
-def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
+def _setup(config: ml_collections.ConfigDict, resumed: dict | None, in_sweep: bool) -> _Setup:
   """`resumed`: the meta of the checkpoint the run will resume from (None for a new run), whose
   settings and corpus are checked before any data is prepared or any program compiled."""
   config_lib.use_compile_cache(config)
@@ -364,7 +373,7 @@ def _setup(config: ml_collections.ConfigDict, resumed: dict | None) -> _Setup:
   def prepare():
     data_spec = data_lib.spec(config)  # hashes the corpus files: once
     if resumed:  # a resume that cannot go on stops before any tokenizing or compiling
-      _check_resumable(config, resumed, data_lib.cache_name(*data_spec), config.workdir)
+      _check_resumable(config, resumed, data_lib.cache_name(*data_spec), config.workdir, in_sweep)
     return data_lib.load(config, data_spec, verbose=True)
 
   # Process 0 downloads and tokenizes; the others then read its cache (or, without a shared disk,
@@ -410,9 +419,11 @@ def _print_setup(s: _Setup) -> None:
         + ("; the windows start at a new offset every epoch" if s.config.data.shift_windows else ""), flush=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False, in_sweep: bool = False) -> dict:
   """Trains, validates, checkpoints and tests as `config` says, in config.workdir; returns the run's
-  summary. `fresh` moves an earlier run in that directory aside instead of resuming it."""
+  summary. `fresh` moves an earlier run in that directory aside instead of resuming it. `in_sweep`:
+  a sweep's point, whose messages leave out what only `jaxlm.main` can do (--fresh, a change of
+  training.num_steps or of the work directory)."""
   with contextlib.ExitStack() as stack:
     stop = stack.enter_context(_StopRequest())
     config_lib.validate(config)
@@ -430,9 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False) -
 
     _primary_first(claim)
     resumed = _resumable_meta(config.workdir)
-    setup = _setup(config, resumed)
+    setup = _setup(config, resumed, in_sweep)
     _print_setup(setup)
-    run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack)
+    run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack, in_sweep)
     run.train()
     summary = run.test()
     stop.closing()
@@ -444,8 +455,9 @@ class _Run:
   sampling, stopping), over the state and steps above."""
 
   def __init__(self, setup: _Setup, resumed: dict | None, fresh: train_lib.TrainState | None,
-               stop: _StopRequest, stack: contextlib.ExitStack):
+               stop: _StopRequest, stack: contextlib.ExitStack, in_sweep: bool):
     self.s, self.config, self.workdir, self.stop = setup, setup.config, setup.config.workdir, stop
+    self.in_sweep = in_sweep
     self.checkpoints = stack.enter_context(checkpoint_lib.Checkpoints(self.workdir))
     self.state, self.loop = self._resume(resumed, fresh)
     self.tokenizer = setup.corpus.tokenizer()
@@ -488,7 +500,7 @@ class _Run:
         params = jax.device_put(params, self.s.train.state_shardings.params)
         return fresh.replace(params=params).restart_average(), LoopState()
       return fresh, LoopState()
-    _report_changes(self.config, resumed, self.s.num_steps)
+    _report_changes(self.config, resumed, self.s.num_steps, self.in_sweep)
     name = self.checkpoints.resumable()
     state, meta = self.checkpoints.restore(name, self.s.train.abstract_state)
     # (a checkpoint saved before a field was added has the field's default)
@@ -634,9 +646,9 @@ class _Run:
       raise TrainingError(
           f"the training diverged by step {step:,} (epoch {epoch}, loss {float(bad['loss'])}, gradient "
           f"norm {float(bad['grad_norm'])}, learning rate {float(bad['learning_rate']):.2e}). Nothing after "
-          f"step {self.save_timer.step:,} was saved; the checkpoints in {self.workdir} are intact. Lower "
-          f"--config.training.learning_rate (now {t.learning_rate}) or check the data, then re-run to "
-          f"resume from `last`, or add --fresh to start over.")
+          f"step {self.save_timer.step:,} was saved; the checkpoints in {self.workdir} are intact."
+          + ("" if self.in_sweep else f" Lower --config.training.learning_rate (now {t.learning_rate}) or check "
+             f"the data, then re-run to resume from `last`, or add --fresh to start over."))
     self.loop.train_loss_sum += math.fsum(losses)
     self.loop.train_steps += len(losses)
     self.loop.interval += [[loss, float(m["grad_norm"])] for loss, m in zip(losses, host)]
@@ -656,8 +668,9 @@ class _Run:
     if val is None:  # stopped during evaluation
       self.interrupt()
     if not math.isfinite(val["loss"]):
-      raise TrainingError(f"the validation loss is {val['loss']} after epoch {epoch}: training diverged. "
-                          f"Lower --config.training.learning_rate and re-run with --fresh.")
+      raise TrainingError(f"the validation loss is {val['loss']} after epoch {epoch}: training diverged."
+                          + ("" if self.in_sweep else " Lower --config.training.learning_rate and re-run "
+                             "with --fresh."))
     train_loss = self.loop.train_loss_sum / self.loop.train_steps
     self.loop.epoch, self.loop.train_loss_sum, self.loop.train_steps = epoch, 0.0, 0
     improved = self.loop.improve(val["loss"])
@@ -734,11 +747,14 @@ class _Run:
           f"{self.checkpoints.directory}/best, which the test measures, is missing (moved or deleted?). Put it "
           f"back and re-run the same command, or measure `last`: python -m jaxlm.evaluate "
           f"--workdir={self.workdir} --checkpoint=last")
+    self.stop.testing()
     # The weights alone, beside the state: not a second optimizer state.
     params, _ = self.checkpoints.restore_params("best", self.s.train.abstract_state)
     test = self.evaluate("test", params)
     if test is None:
       self.stopped()  # `last` is final: re-running the command tests again
+    if self.stop.signum:
+      print("the test ended before the stop could: the run is complete", flush=True)
     # One step past the last: re-running a finished run (it tests again) hides the earlier points.
     self.tb.scalars(self.step + 1, {k: test[k] for k in evaluate_lib.METRICS}, "test")
     loop, t = self.loop, self.config.training

@@ -161,7 +161,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
       continue
     print(f"sweep: point {i}/{len(points)} {name}", flush=True)
     try:
-      run_lib.train_and_evaluate(point)
+      run_lib.train_and_evaluate(point, in_sweep=True)
     except (run_lib.TrainingError, data_lib.DataError, config_lib.ConfigError) as e:  # about this point
       print(f"sweep: point {name} failed: {e}", flush=True)
       os.makedirs(point.workdir, exist_ok=True)  # (one that failed while setting up left no directory)
@@ -330,9 +330,13 @@ if __name__ == "__main__":
     if _CONFIG.value is None:
       raise UsageError("--config is required to run a sweep (e.g. --config=configs/base.py)")
     try:
-      run_sweep(_CONFIG.value, parse_sweeps(_SWEEP.value), _WORKDIR.value)
+      rows = run_sweep(_CONFIG.value, parse_sweeps(_SWEEP.value), _WORKDIR.value)
     except run_lib.Interrupted as e:
       print(f"{e}; re-run the same command to resume the sweep from there.", flush=True)
       raise SystemExit(128 + e.signum) from None
+    failed = [r["point"] for r in rows if r["status"] == "failed"]
+    if failed:  # (status 1: a script running the sweep must not take it as a success)
+      raise UserError(f"{len(failed)} of {len(rows)} point(s) failed: {', '.join(failed)}. Each one's reason "
+                      f"is in its {FAILED_FILE}; re-running the sweep tries them again.")
 
   cli.run(_main, config_flag="config")

@@ -220,4 +220,5 @@ def test_a_diverging_run_is_one_error_line_and_keeps_its_checkpoints(finished):
   assert done.returncode == 1, done.stderr
   (line,) = done.stderr.strip().splitlines()
   assert line.startswith("error: the training diverged by step") and "are intact" in line
+  assert line.endswith("then re-run to resume from `last`, or add --fresh to start over.")
   assert tree_digest(run) == before

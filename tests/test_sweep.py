@@ -110,8 +110,13 @@ def test_a_sweep_runs_every_point_skips_finished_ones_and_reports(tiny_config, t
       assert f.read() == recorded
   # More epochs train the finished points on; how a point runs may change (log lines, device, ...).
   tiny_config.training.epochs, tiny_config.training.log_every_steps = 3, 7
+  capsys.readouterr()
   more = sweep_lib.run_sweep(tiny_config, sweeps, workdir)
   assert [r["epochs"] for r in more] == [3, 3]
+  # Their schedules (num_steps -1: derived from the epochs) get longer; the sweep cannot keep them
+  # (it refuses another training.num_steps), so it does not advise it.
+  warnings = [line for line in capsys.readouterr().out.splitlines() if "the learning-rate schedule now spans" in line]
+  assert len(warnings) == 2 and not any("--config" in w for w in warnings)
   # A metrics line cut off by a crash (the resumed run writes it again) does not stop the report.
   with open(os.path.join(workdir, "learning_rate=0.01", "metrics.jsonl"), "a") as f:
     f.write('{"epoch": 4, "global_st')
@@ -125,7 +130,11 @@ def test_a_point_that_diverges_is_reported_failed_and_the_sweep_goes_on(tiny_con
   rows = sweep_lib.run_sweep(tiny_config, {"training.learning_rate": [1e30, 3e-3]}, workdir)
   assert [(r["point"], r["status"]) for r in rows] == [("learning_rate=1e+30", "failed"),
                                                       ("learning_rate=0.003", "finished")]
-  assert "sweep: point learning_rate=1e+30 failed: the training diverged by step" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "sweep: point learning_rate=1e+30 failed: the training diverged by step" in out
+  # (the sweep has no --fresh, and its points keep their learning rates)
+  failure = next(line for line in out.splitlines() if line.startswith("sweep: point learning_rate=1e+30 failed"))
+  assert failure.endswith("are intact.") and "--fresh" not in failure and "--config" not in failure
   assert rows[0]["test_perplexity"] is None and rows[1]["test_perplexity"] > 1
 
 
@@ -190,6 +199,24 @@ def test_the_command_line_refuses_a_bad_sweep_before_any_run(tmp_path):
   report = subprocess.run([sys.executable, "-m", "jaxlm.sweep", "--report", f"--workdir={tmp_path}"],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert report.returncode == 1 and report.stderr.strip().startswith(f"error: {tmp_path} holds no sweep")
+
+
+def test_the_command_ends_with_status_1_naming_the_points_that_failed(tiny_config, tmp_path):
+  """A script that runs a sweep must not take one with failed points for a success."""
+  t = tiny_config.training
+  done = subprocess.run([sys.executable, "-m", "jaxlm.sweep", f"--config={BASE_CONFIG}:tiny", "--config.device=cpu",
+                         f"--config.data.data_dir={tiny_config.data.data_dir}",
+                         f"--config.data.raw_dir={tiny_config.data.raw_dir}",
+                         f"--config.data.processed_dir={tiny_config.data.processed_dir}",
+                         "--config.training.epochs=1", "--config.sample.max_new_tokens=0",
+                         f"--sweep=training.batch_size=100000,{t.batch_size + 1}", f"--workdir={tmp_path / 'sweep'}"],
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      "error: 1 of 2 point(s) failed: batch_size=100000. Each one's reason is in its sweep_failed.txt; "
+      "re-running the sweep tries them again.")
+  assert f"| batch_size={t.batch_size + 1} | {t.batch_size + 1} | finished |" in done.stdout
+  assert os.path.exists(tmp_path / "sweep" / "results.md")
 
 
 def test_sweeps_sharing_a_workdir_write_its_files_without_clashing(tmp_path):

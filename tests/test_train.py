@@ -356,6 +356,46 @@ def test_a_ctrl_c_once_the_run_is_tested_quits_at_once(tiny_config, monkeypatch)
   assert os.path.exists(os.path.join(tiny_config.workdir, "test_metrics.json"))
 
 
+def test_a_stop_during_the_test_says_so_and_the_same_command_tests_again(tiny_config, monkeypatch, capsys):
+  """SIGTERM (a preemption) while `best` is tested: the message is about the test, not a checkpoint
+  to save; the run stops untested, and re-running it tests. A stop that comes as the test's last
+  batch ends lets the finished test stand (the run is complete)."""
+  tiny_config.training.epochs = 1
+  real_testing = run_lib._StopRequest.testing
+
+  def testing(self):
+    real_testing(self)
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10_000):  # (its handler runs in here)
+      pass
+
+  with monkeypatch.context() as m:
+    m.setattr(run_lib._StopRequest, "testing", testing)
+    with pytest.raises(run_lib.Interrupted, match="SIGTERM"):
+      run_lib.train_and_evaluate(tiny_config)
+  out = capsys.readouterr().out
+  assert "SIGTERM: stopping the test; the trained run is saved, and re-running the same command tests it" in out
+  assert "saving a checkpoint" not in out
+  assert not os.path.exists(os.path.join(tiny_config.workdir, "test_metrics.json"))
+
+  real_evaluate = run_lib._Run.evaluate
+
+  def evaluate(self, split, params=None):
+    result = real_evaluate(self, split, params)
+    if split == "test":  # as the last batch ends
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(10_000):
+        pass
+    return result
+
+  with monkeypatch.context() as m:
+    m.setattr(run_lib._Run, "evaluate", evaluate)
+    summary = run_lib.train_and_evaluate(tiny_config)
+  assert "the test ended before the stop could: the run is complete" in capsys.readouterr().out
+  with open(os.path.join(tiny_config.workdir, "test_metrics.json")) as f:
+    assert json.load(f) == summary
+
+
 def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
   """tensorboardX names an event file by the second it opens and truncates an existing one: a run
   stopped and resumed within one second must still keep the stopped run's points."""
@@ -671,7 +711,8 @@ def test_more_epochs_on_resume_warns_that_the_schedule_changes(tiny_config, caps
   capsys.readouterr()
   run_lib.train_and_evaluate(tiny_config)
   assert (f"the learning-rate schedule now spans {2 * steps_per_epoch:,} steps instead of "
-          f"{steps_per_epoch:,}") in capsys.readouterr().out
+          f"{steps_per_epoch:,}: the rate jumps to the new curve at step {steps_per_epoch:,}. Keep it with "
+          f"--config.training.num_steps={steps_per_epoch}.") in capsys.readouterr().out
 
 
 def test_a_run_resumes_on_its_corpus_moved_elsewhere_and_refuses_another_corpus(tiny_config, tmp_path, capsys):
