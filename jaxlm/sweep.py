@@ -149,7 +149,8 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
   refused = {name: changed for name, changed in refused.items() if changed}
   if refused:
     name, changed = next(iter(refused.items()))
-    raise UsageError(f"the sweep in {workdir} ran with other settings ({len(refused)} point(s); {name}: "
+    # (status 1, as jaxlm.main's refusal of another run's checkpoint: the directory's state, not the command line)
+    raise UserError(f"the sweep in {workdir} ran with other settings ({len(refused)} point(s); {name}: "
                      f"{'; '.join(changed)}): re-run it with the settings it had (more training.epochs or "
                      f"patience train its points on), or give this sweep another --workdir")
   os.makedirs(workdir, exist_ok=True)

@@ -13,7 +13,7 @@ from jaxlm import export as export_lib
 from jaxlm import run as run_lib
 from jaxlm import sweep as sweep_lib
 from jaxlm import workdir as workdir_lib
-from jaxlm.cli import UsageError
+from jaxlm.cli import UsageError, UserError
 
 from conftest import BASE_CONFIG, subprocess_env
 
@@ -103,9 +103,10 @@ def test_a_sweep_runs_every_point_skips_finished_ones_and_reports(tiny_config, t
                               ("training.weight_decay", 0.5, "training.weight_decay 0.01 -> 0.5")):
     changed = tiny_config.copy_and_resolve_references()
     changed[key.split(".")[0]][key.split(".")[1]] = value
-    with pytest.raises(UsageError, match=rf"the sweep in {workdir} ran with other settings \(2 point\(s\); "
-                                         rf"learning_rate=0.003: {message}\): re-run it with the settings it had"):
+    with pytest.raises(UserError, match=rf"the sweep in {workdir} ran with other settings \(2 point\(s\); "
+                                        rf"learning_rate=0.003: {message}\): re-run it with the settings it had") as e:
       sweep_lib.run_sweep(changed, sweeps, workdir)
+    assert not isinstance(e.value, UsageError)  # status 1 (the directory's state), not 2 (a bad command line)
     with open(os.path.join(workdir, "sweep.json")) as f:
       assert f.read() == recorded
   # More epochs train the finished points on; how a point runs may change (log lines, device, ...).
