@@ -177,7 +177,8 @@ class _StopRequest:
     self._phase = "testing"
 
   def closing(self) -> None:
-    """The run is done: a signal now stops the command at once."""
+    """The run is tested: a signal now stops the command at once (before test_metrics.json is
+    written, re-running the command tests again)."""
     self._phase = "closing"
 
   def _handle(self, signum, frame):
@@ -187,10 +188,9 @@ class _StopRequest:
       self._stop_at_once(signum)
     if self.signum is None:
       self.signum = signum
-      _say(f"\n{name}: stopping once the steps already under way are done, and saving a checkpoint "
-           f"(Ctrl-C again to quit at once)\n" if self._phase == "training" else
-           f"\n{name}: stopping the test; the trained run is saved, and re-running the same command tests "
-           f"it (Ctrl-C again to quit at once)\n")
+      what = {"training": "stopping once the steps already under way are done, and saving a checkpoint",
+              "testing": "stopping the test; the trained run is saved, and re-running the same command tests it"}
+      _say(f"\n{name}: {what[self._phase]} (Ctrl-C again to quit at once)\n")
     elif self._saving:
       self._quit = signum
       _say(f"\n{name}: quitting as soon as the checkpoint being written is complete\n")
@@ -446,7 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fresh: bool = False, i
     run = _Run(setup, resumed, _fresh_state(setup, resumed), stop, stack, in_sweep)
     run.train()
     summary = run.test()
-    stop.closing()
+    if in_sweep and stop.signum:  # the point is complete; the stop is the sweep's, before its next point
+      raise Interrupted(stop.signum, run.step)
     return summary
 
 
@@ -753,6 +754,7 @@ class _Run:
     test = self.evaluate("test", params)
     if test is None:
       self.stopped()  # `last` is final: re-running the command tests again
+    self.stop.closing()
     if self.stop.signum:
       print("the test ended before the stop could: the run is complete", flush=True)
     # One step past the last: re-running a finished run (it tests again) hides the earlier points.

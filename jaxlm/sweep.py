@@ -330,14 +330,18 @@ if __name__ == "__main__":
       return
     if _CONFIG.value is None:
       raise UsageError("--config is required to run a sweep (e.g. --config=configs/base.py)")
+    sweeps = parse_sweeps(_SWEEP.value)
     try:
-      rows = run_sweep(_CONFIG.value, parse_sweeps(_SWEEP.value), _WORKDIR.value)
+      rows = run_sweep(_CONFIG.value, sweeps, _WORKDIR.value)
     except run_lib.Interrupted as e:
       print(f"{e}; re-run the same command to resume the sweep from there.", flush=True)
       raise SystemExit(128 + e.signum) from None
-    failed = [r["point"] for r in rows if r["status"] == "failed"]
-    if failed:  # (status 1: a script running the sweep must not take it as a success)
-      raise UserError(f"{len(failed)} of {len(rows)} point(s) failed: {', '.join(failed)}. Each one's reason "
-                      f"is in its {FAILED_FILE}; re-running the sweep tries them again.")
+    # (status 1: a script running the sweep must not take it for a success). The table may also list
+    # other sweeps' points in the same folder: only this grid's count.
+    ours = {point_name(dict(zip(sweeps, values))) for values in itertools.product(*sweeps.values())}
+    failed = [r["point"] for r in rows if r["point"] in ours and r["status"] == "failed"]
+    if failed:
+      raise UserError(f"{len(failed)} of {len(ours)} point(s) failed: {', '.join(failed)} (why: above, and in each "
+                      f"one's {FAILED_FILE})")
 
   cli.run(_main, config_flag="config")

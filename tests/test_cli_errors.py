@@ -177,6 +177,8 @@ def test_a_ctrl_c_that_python_drops_still_interrupts_every_command():
   dropped by Python, which goes on: `evaluate` or `data` then ran to their end, status 0."""
   program = ("import gc, os, signal, time\n"
              "from jaxlm import cli\n"
+             # as in a terminal (a shell without job control starts a background job with SIGINT ignored)
+             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
              "def callback(phase, info):  # as fault_child.drop_a_sigint\n"
              "  if phase == 'start':\n"
              "    os.kill(os.getpid(), signal.SIGINT)\n"

@@ -3,19 +3,21 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 
 import pytest
 
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import export as export_lib
 from jaxlm import run as run_lib
 from jaxlm import sweep as sweep_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.cli import UsageError, UserError
 
-from conftest import BASE_CONFIG, subprocess_env
+from conftest import BASE_CONFIG, subprocess_env, write_corpus
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -214,10 +216,51 @@ def test_the_command_ends_with_status_1_naming_the_points_that_failed(tiny_confi
                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert done.returncode == 1, done.stderr
   assert done.stderr.strip().splitlines()[-1] == (
-      "error: 1 of 2 point(s) failed: batch_size=100000. Each one's reason is in its sweep_failed.txt; "
-      "re-running the sweep tries them again.")
+      "error: 1 of 2 point(s) failed: batch_size=100000 (why: above, and in each one's sweep_failed.txt)")
   assert f"| batch_size={t.batch_size + 1} | {t.batch_size + 1} | finished |" in done.stdout
   assert os.path.exists(tmp_path / "sweep" / "results.md")
+  # Another grid in the same folder: its table lists the failed point, which is not this sweep's.
+  again = subprocess.run([*done.args[:-2], f"--sweep=training.batch_size={t.batch_size + 1}", done.args[-1]],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr
+  (row,) = [line for line in again.stdout.splitlines() if line.startswith("| batch_size=100000 |")]
+  assert "| failed |" in row
+
+
+def test_a_point_moved_to_other_text_is_refused_with_the_sweeps_own_advice(tiny_config, tmp_path):
+  """data.data_dir may move (the same text elsewhere); other text is refused, and the advice is the
+  sweep's (it has no --fresh or --config.workdir)."""
+  tiny_config.training.epochs = 1
+  tiny_config.sample.max_new_tokens = 0
+  workdir, sweeps = str(tmp_path / "sweep"), {"training.learning_rate": [3e-3]}
+  sweep_lib.run_sweep(tiny_config, sweeps, workdir)
+  write_corpus(tmp_path / "other", seed=1)
+  tiny_config.data.data_dir, tiny_config.training.epochs = str(tmp_path / "other"), 2
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"other text or tokenizer\)\. Resume with the same "
+                                                           r"settings, or give the sweep another --workdir\.$"):
+    sweep_lib.run_sweep(tiny_config, sweeps, workdir)
+
+
+def test_a_stop_during_a_points_test_stops_the_sweep_once_the_point_is_complete(tiny_config, tmp_path, monkeypatch):
+  """A preemption's SIGTERM as a point's test ends: the point stands finished, and no next point starts."""
+  tiny_config.training.epochs = 1
+  tiny_config.sample.max_new_tokens = 0
+  real_evaluate = run_lib._Run.evaluate
+
+  def evaluate(self, split, params=None):
+    result = real_evaluate(self, split, params)
+    if split == "test":  # as the last batch ends
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(10_000):
+        pass
+    return result
+
+  monkeypatch.setattr(run_lib._Run, "evaluate", evaluate)
+  workdir = str(tmp_path / "sweep")
+  with pytest.raises(run_lib.Interrupted, match="SIGTERM"):
+    sweep_lib.run_sweep(tiny_config, {"training.learning_rate": [3e-3, 1e-2]}, workdir)
+  assert sweep_lib.is_finished(os.path.join(workdir, "learning_rate=0.003"))
+  assert not os.path.exists(os.path.join(workdir, "learning_rate=0.01"))
 
 
 def test_sweeps_sharing_a_workdir_write_its_files_without_clashing(tmp_path):

@@ -340,8 +340,8 @@ def test_a_ctrl_c_dropped_just_before_training_stops_the_run_once(tiny_config, m
 
 
 def test_a_ctrl_c_once_the_run_is_tested_quits_at_once(tiny_config, monkeypatch):
-  """After the test only the last saves are waited for: a Ctrl-C there ends the command (status 130),
-  not a request to stop training that nothing would read any more."""
+  """Once the test's evaluation is done, a Ctrl-C ends the command (status 130), not a request to
+  stop that nothing would read any more; the results are not written, and re-running tests again."""
   real_closing = run_lib._StopRequest.closing
 
   def closing(self):
@@ -350,9 +350,13 @@ def test_a_ctrl_c_once_the_run_is_tested_quits_at_once(tiny_config, monkeypatch)
     for _ in range(10_000):  # (its handler runs in here)
       pass
 
-  monkeypatch.setattr(run_lib._StopRequest, "closing", closing)
-  with pytest.raises(KeyboardInterrupt):
-    run_lib.train_and_evaluate(tiny_config)
+  with monkeypatch.context() as m:
+    m.setattr(run_lib._StopRequest, "closing", closing)
+    with pytest.raises(KeyboardInterrupt):
+      run_lib.train_and_evaluate(tiny_config)
+  assert not os.path.exists(os.path.join(tiny_config.workdir, "test_metrics.json"))
+  summary = run_lib.train_and_evaluate(tiny_config)
+  assert summary["epochs"] == tiny_config.training.epochs
   assert os.path.exists(os.path.join(tiny_config.workdir, "test_metrics.json"))
 
 
