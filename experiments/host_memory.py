@@ -6,9 +6,11 @@ on a GPU is ~100x the epochs a test runs, so a leak of a few MB per epoch matter
 
 Runs the command as a child, samples its anonymous resident memory (RssAnon, /proc: the heap, not
 the shared libraries' pages, which the kernel drops and reloads as it likes) twice a second, and
-prints one JSON line per finished epoch (its RssAnon then) and a last line with the growth: in MB
-per epoch and per 1,000 steps, by least squares over the epochs after the first (whose end still
-sees compiles and first-use allocations). Linux only.
+prints one JSON line per finished epoch (its RssAnon then, and the peak so far) and a last line: the
+highest epoch end in each fifth of the run (a leak raises them one after the other; the allocator's
+saw tooth does not), and the least-squares growth in MB per epoch and per 1,000 steps over the
+epochs after the first (whose end still sees compiles and first-use allocations; one large drop
+skews it). Linux only.
 """
 import json
 import re
@@ -47,7 +49,11 @@ def main(command: list[str]) -> None:
     sys.stderr.write(line)
     match = _EPOCH.match(line)
     if match:
-      rss = rss_bytes(child.pid)
+      try:
+        rss = rss_bytes(child.pid)
+      except (FileNotFoundError, ProcessLookupError, StopIteration):  # it has just exited
+        continue
+      peak[0] = max(peak[0], rss)
       epochs.append((int(match[1]), int(match[2].replace(",", "")), rss))
       print(json.dumps({"epoch": epochs[-1][0], "step": epochs[-1][1], "rss_mb": round(rss / MB, 1),
                         "peak_rss_mb": round(peak[0] / MB, 1), "elapsed_s": round(time.perf_counter() - start, 1)}),
@@ -55,9 +61,11 @@ def main(command: list[str]) -> None:
   done.set()
   status = child.wait()
   summary = {"status": status, "epochs": len(epochs), "peak_rss_mb": round(peak[0] / MB, 1)}
-  if len(epochs) >= 3:
+  if len(epochs) >= 5:
     e, s, r = (np.array(c, float) for c in zip(*epochs[1:]))
+    fifths = np.array_split(np.array([rss for _, _, rss in epochs], float), 5)
     summary.update(first_epoch_rss_mb=round(epochs[0][2] / MB, 1), last_epoch_rss_mb=round(epochs[-1][2] / MB, 1),
+                   highest_epoch_end_by_fifths_mb=[round(f.max() / MB, 1) for f in fifths],
                    mb_per_epoch=round(np.polyfit(e, r / MB, 1)[0], 3),
                    mb_per_1000_steps=round(1000 * np.polyfit(s, r / MB, 1)[0], 3))
   print(json.dumps(summary), flush=True)
