@@ -1,6 +1,7 @@
 """Shared fixtures: a small WikiText-like corpus written by the test, and the tiny config over it."""
 import importlib.util
 import os
+import signal
 import tempfile
 
 # Before JAX is imported (here and in the subprocesses the tests start): compile at LLVM -O0, which
@@ -59,6 +60,28 @@ def write_corpus(directory, seed: int = 0, articles=(24, 3, 3), names=("train.tx
       f.write("\n".join(rows) + "\n")
     rows_by_split.append(rows)
   return rows_by_split
+
+
+def signal_here(signum: int) -> None:
+  """Sends this process `signum` and lets Python run its handler here (at the loop's jumps)."""
+  os.kill(os.getpid(), signum)
+  for _ in range(10_000):
+    pass
+
+
+def signal_as_the_test_ends(patcher, signum: int = signal.SIGTERM) -> None:
+  """Through `patcher` (monkeypatch or its context), `signum` arrives as a run's test evaluation
+  returns: its last batch done, before the run acts on a stop."""
+  from jaxlm import run as run_lib
+  real_evaluate = run_lib._Run.evaluate
+
+  def evaluate(self, split, params=None):
+    result = real_evaluate(self, split, params)
+    if split == "test":
+      signal_here(signum)
+    return result
+
+  patcher.setattr(run_lib._Run, "evaluate", evaluate)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from jaxlm import sweep as sweep_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.cli import UsageError, UserError
 
-from conftest import BASE_CONFIG, subprocess_env, write_corpus
+from conftest import BASE_CONFIG, signal_as_the_test_ends, subprocess_env, write_corpus
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -245,17 +244,7 @@ def test_a_stop_during_a_points_test_stops_the_sweep_once_the_point_is_complete(
   """A preemption's SIGTERM as a point's test ends: the point stands finished, and no next point starts."""
   tiny_config.training.epochs = 1
   tiny_config.sample.max_new_tokens = 0
-  real_evaluate = run_lib._Run.evaluate
-
-  def evaluate(self, split, params=None):
-    result = real_evaluate(self, split, params)
-    if split == "test":  # as the last batch ends
-      os.kill(os.getpid(), signal.SIGTERM)
-      for _ in range(10_000):
-        pass
-    return result
-
-  monkeypatch.setattr(run_lib._Run, "evaluate", evaluate)
+  signal_as_the_test_ends(monkeypatch)
   workdir = str(tmp_path / "sweep")
   with pytest.raises(run_lib.Interrupted, match="SIGTERM"):
     sweep_lib.run_sweep(tiny_config, {"training.learning_rate": [3e-3, 1e-2]}, workdir)

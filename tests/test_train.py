@@ -27,7 +27,7 @@ from jaxlm import train as train_lib
 from jaxlm import workdir as workdir_lib
 
 import fault_child
-from conftest import BASE_CONFIG, subprocess_env, write_corpus
+from conftest import BASE_CONFIG, signal_as_the_test_ends, signal_here, subprocess_env, write_corpus
 
 METRIC_KEYS = {"epoch", "global_step", "train_loss", "val_loss", "val_perplexity", "val_bpb", "learning_rate",
                "epoch_time_s", "tokens_per_s"}
@@ -346,9 +346,7 @@ def test_a_ctrl_c_once_the_run_is_tested_quits_at_once(tiny_config, monkeypatch)
 
   def closing(self):
     real_closing(self)
-    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the run closes
-    for _ in range(10_000):  # (its handler runs in here)
-      pass
+    signal_here(signal.SIGINT)  # Ctrl-C as the run closes
 
   with monkeypatch.context() as m:
     m.setattr(run_lib._StopRequest, "closing", closing)
@@ -369,9 +367,7 @@ def test_a_stop_during_the_test_says_so_and_the_same_command_tests_again(tiny_co
 
   def testing(self):
     real_testing(self)
-    os.kill(os.getpid(), signal.SIGTERM)
-    for _ in range(10_000):  # (its handler runs in here)
-      pass
+    signal_here(signal.SIGTERM)
 
   with monkeypatch.context() as m:
     m.setattr(run_lib._StopRequest, "testing", testing)
@@ -382,18 +378,8 @@ def test_a_stop_during_the_test_says_so_and_the_same_command_tests_again(tiny_co
   assert "saving a checkpoint" not in out
   assert not os.path.exists(os.path.join(tiny_config.workdir, "test_metrics.json"))
 
-  real_evaluate = run_lib._Run.evaluate
-
-  def evaluate(self, split, params=None):
-    result = real_evaluate(self, split, params)
-    if split == "test":  # as the last batch ends
-      os.kill(os.getpid(), signal.SIGTERM)
-      for _ in range(10_000):
-        pass
-    return result
-
   with monkeypatch.context() as m:
-    m.setattr(run_lib._Run, "evaluate", evaluate)
+    signal_as_the_test_ends(m)
     summary = run_lib.train_and_evaluate(tiny_config)
   assert "the test ended before the stop could: the run is complete" in capsys.readouterr().out
   with open(os.path.join(tiny_config.workdir, "test_metrics.json")) as f:
