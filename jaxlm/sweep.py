@@ -69,6 +69,11 @@ def point_name(overrides: dict) -> str:
   return ",".join(f"{n}={v}" for n, v in zip(names, overrides.values())).replace("/", "_")
 
 
+def point_names(sweeps: dict[str, list]) -> list[str]:
+  """The directory names of a grid's points, in the grid's order."""
+  return [point_name(dict(zip(sweeps, values))) for values in itertools.product(*sweeps.values())]
+
+
 def grid(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdir: str) -> list[ml_collections.ConfigDict]:
   """One validated config per grid point, in `workdir`/<point name>; any invalid point fails first."""
   points = []
@@ -151,8 +156,8 @@ def run_sweep(config: ml_collections.ConfigDict, sweeps: dict[str, list], workdi
     name, changed = next(iter(refused.items()))
     # (status 1, as jaxlm.main's refusal of another run's checkpoint: the directory's state, not the command line)
     raise UserError(f"the sweep in {workdir} ran with other settings ({len(refused)} point(s); {name}: "
-                     f"{'; '.join(changed)}): re-run it with the settings it had (more training.epochs or "
-                     f"patience train its points on), or give this sweep another --workdir")
+                    f"{'; '.join(changed)}): re-run it with the settings it had (more training.epochs or "
+                    f"patience train its points on), or give this sweep another --workdir")
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(os.path.join(workdir, "sweep.json"), {"sweep": sweeps, "config": config.to_dict()})
   for i, point in enumerate(points, 1):
@@ -208,8 +213,7 @@ def report(workdir: str) -> list[dict]:
     raise UserError(f"{workdir} holds no sweep (no sweep.json): pass the --workdir of a `jaxlm.sweep` run")
   with open(path) as f:
     sweeps = json.load(f)["sweep"]
-  keys = list(sweeps)
-  order = [point_name(dict(zip(keys, values))) for values in itertools.product(*sweeps.values())]
+  keys, order = list(sweeps), point_names(sweeps)
   runs = {d.name: d.path for d in os.scandir(workdir) if d.is_dir() and any(
       os.path.exists(os.path.join(d.path, name)) for name in (workdir_lib.CONFIG_FILE, FAILED_FILE))}
   # The grid's order, then any run directories of earlier sweeps in the same folder.
@@ -338,7 +342,7 @@ if __name__ == "__main__":
       raise SystemExit(128 + e.signum) from None
     # (status 1: a script running the sweep must not take it for a success). The table may also list
     # other sweeps' points in the same folder: only this grid's count.
-    ours = {point_name(dict(zip(sweeps, values))) for values in itertools.product(*sweeps.values())}
+    ours = point_names(sweeps)
     failed = [r["point"] for r in rows if r["point"] in ours and r["status"] == "failed"]
     if failed:
       raise UserError(f"{len(failed)} of {len(ours)} point(s) failed: {', '.join(failed)} (why: above, and in each "
