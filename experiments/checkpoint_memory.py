@@ -12,6 +12,7 @@ save (that call leaks what it returns): it tells that leak from the rest. Prints
 import ctypes
 import gc
 import json
+import os
 import tempfile
 import time
 
@@ -19,6 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+import host_memory
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import train as train_lib
 
@@ -29,15 +31,10 @@ _TS_METRICS = flags.DEFINE_bool("ts_metrics", True, "Let orbax collect tensorsto
 flags.mark_flags_as_required(["config"])
 
 
-def anon_kb() -> int:
-  with open("/proc/self/status") as f:
-    return int(next(line for line in f if line.startswith("RssAnon:")).split()[1])
-
-
-def settled_kb() -> int:
+def settled_kb() -> float:
   gc.collect()
   ctypes.CDLL("libc.so.6").malloc_trim(0)
-  return anon_kb()
+  return host_memory.rss_bytes(os.getpid()) / 1024
 
 
 def main(argv):
