@@ -25,7 +25,7 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/base.py")
-_SAVES = flags.DEFINE_integer("saves", 500, "Saves measured (after 50 that warm up).")
+_SAVES = flags.DEFINE_integer("saves", 500, "Saves measured (after 50 that warm up).", lower_bound=1)
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "The embedding's rows.")
 _TS_METRICS = flags.DEFINE_bool("ts_metrics", True, "Let orbax collect tensorstore's metrics around each save.")
 flags.mark_flags_as_required(["config"])

@@ -32,7 +32,10 @@ def rss_bytes(pid: int) -> int:
 
 
 def main(command: list[str]) -> None:
-  child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+  try:
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+  except OSError as e:
+    sys.exit(f"error: cannot run {command[0]}: {e.strerror}")
   peak, done = [0], threading.Event()
 
   def sample():
