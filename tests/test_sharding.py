@@ -268,6 +268,27 @@ def test_a_process_failing_alone_while_training_stops_the_other_at_once(tiny_con
   assert outs[failing][1].strip().splitlines()[-1] == "error: Input/output error"
 
 
+def test_a_run_that_ends_well_stops_its_departures_watch_before_python_tears_down(tmp_path):
+  """The watch of the other processes (a thread that polls JAX's coordination service) must not be
+  inside one of the service's C++ calls as Python tears down: that aborts the process ("terminate
+  called after throwing an instance of ''", status -6, once in CI after a run that went well). So
+  it has stopped once `end_if_left` returns for a run that ends with the others."""
+  child = tmp_path / "child.py"
+  child.write_text("import sys, threading\n"
+                   "from jaxlm import sharding\n"
+                   "sharding.initialize_processes(sys.argv[1], 2, int(sys.argv[2]), False)\n"
+                   "sharding.end_if_left(SystemExit(0))\n"
+                   "print(sorted(t.name for t in threading.enumerate() if t.name.startswith('jaxlm')))\n")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, str(child), f"localhost:{port}", str(i)], env=devices_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = finish(procs)
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+  assert [out.splitlines()[-1] for out, _ in outs] == ["[]", "[]"]
+
+
 def test_fsdp_shards_the_largest_axis_it_divides_never_the_layer_axis():
   spec = lambda path, shape, fsdp=4: sharding_lib._leaf_spec(  # noqa: E731
       [jax.tree_util.DictKey(k) for k in path], jax.ShapeDtypeStruct(shape, np.float32), fsdp)
