@@ -38,10 +38,11 @@ def interrupt_after():
   while XLA compiles can crash the interpreter on its way out (a segfault instead of status 130).
   Yields a function that says whether one came, for work that can stop early (callable from any
   thread: while the main thread waits on the device, Python runs no signal handler, so the signal
-  is also read from the wakeup pipe its C-level handler writes to)."""
+  is also read from the wakeup pipe its C-level handler writes to). A process started with SIGINT
+  ignored keeps ignoring it (`respects_sigint`)."""
   received = []
   previous = signal.getsignal(signal.SIGINT)
-  if threading.current_thread() is not threading.main_thread():
+  if threading.current_thread() is not threading.main_thread() or not respects_sigint():
     yield lambda: False
     return
   read_end, write_end = os.pipe()
@@ -246,4 +247,12 @@ def _call(main: Callable[[list[str]], None], argv: list[str], smaller: str) -> N
     raise SystemExit(130) from None
   finally:
     # Everything is saved: a Ctrl-C while Python shuts down ends the process plainly (no traceback).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if respects_sigint():
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def respects_sigint() -> bool:
+  """Whether this process acts on SIGINT: not when it was started with it ignored, as a shell
+  without job control starts a background job (`cmd &` in a script), so that a Ctrl-C meant for the
+  job in the foreground does not reach it. Python leaves SIGINT ignored then, and so does jaxlm."""
+  return signal.getsignal(signal.SIGINT) is not signal.SIG_IGN

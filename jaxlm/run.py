@@ -147,9 +147,11 @@ class _StopRequest:
     self._quit = None  # a second signal that came during a save
 
   def __enter__(self):
-    self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, self._handle)
-    signal.signal(signal.SIGTERM, self._handle)
+    # A signal this process was started with ignored stays ignored (`cli.respects_sigint`).
+    self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
+                      if signal.getsignal(s) is not signal.SIG_IGN}
+    for s in self._previous:
+      signal.signal(s, self._handle)
     self._unraisablehook = sys.unraisablehook
     sys.unraisablehook = self._unraisable
     return self

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import config as config_lib
-from jaxlm.cli import UsageError, UserError, interrupt_after
+from jaxlm.cli import UsageError, UserError, interrupt_after, respects_sigint
 
 DATA, FSDP = "data", "fsdp"
 BATCH = (DATA, FSDP)  # the batch axis is split over both mesh axes
@@ -130,7 +130,7 @@ def initialize_processes(coordinator_address: str, num_processes: int | None, pr
     print(f"joining the run's processes ({how}; JAX waits up to 5 minutes for all of them)", flush=True)
   # JAX waits in C++ for the others, where Python runs no signal handler: a Ctrl-C kills the process
   # at once instead (nothing is written yet), not after the wait.
-  previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+  previous = signal.signal(signal.SIGINT, signal.SIG_DFL if respects_sigint() else signal.SIG_IGN)
   try:
     if all(explicit):
       jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -288,6 +288,22 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_config, tm
       assert ours[tag] == theirs[tag], tag
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tiny_config, monkeypatch):
+  """As a shell without job control starts a background job (`python -m jaxlm.main ... &` in a
+  script): a Ctrl-C meant for the job in the foreground reaches it too, and must not stop it."""
+  reference = tiny_config.copy_and_resolve_references()
+  reference.workdir = reference.workdir + "-uninterrupted"
+  want = run_lib.train_and_evaluate(reference)
+  interrupt_after(monkeypatch, 7)
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    summary = run_lib.train_and_evaluate(tiny_config)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # left as the run found it
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert summary == want
+
+
 def test_a_ctrl_c_while_the_fresh_state_compiles_stops_the_run_once_the_compile_is_done(tiny_config, monkeypatch):
   """KeyboardInterrupt raised inside XLA's compile could crash Python on its way out (status 139)."""
   real, compiled = train_lib.init_state, []
