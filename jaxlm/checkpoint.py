@@ -222,6 +222,6 @@ class Checkpoints:
   def _unreadable(self, name: str, number: int, error: Exception) -> CheckpointError:
     path = os.path.join(self.directory, name, str(number))
     return CheckpointError(
-        f"checkpoint {path} cannot be read ({cause(error)}). It may be "
-        f"damaged or from an incompatible version. Move it out of the way (nothing is deleted), or "
-        f"start a fresh run with --fresh or another --config.workdir.")
+        f"checkpoint {path} cannot be read ({cause(error)}). It may be damaged or from an incompatible "
+        f"version. Move it out of the way (nothing is deleted) and re-run: training resumes from the other "
+        f"checkpoint (`last` or `best`) if that one is intact.")

@@ -830,9 +830,14 @@ def test_damaged_checkpoint_is_one_clear_error(tiny_config):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"cannot be read .* Move it out of the way"):
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"cannot be read .* Move it out of the way \(nothing "
+                     r"is deleted\) and re-run: training resumes from the other checkpoint"):
     run_lib.train_and_evaluate(tiny_config)
   assert os.path.isdir(step_dir)  # nothing deleted
+  os.rename(last, last + ".damaged")  # as the message says: the run then resumes from `best`
+  summary = run_lib.train_and_evaluate(tiny_config)
+  with checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False) as checkpoints:
+    assert summary["global_step"] == checkpoints.step("best")
 
 
 def test_the_device_running_out_of_memory_in_a_restore_is_not_called_a_damaged_checkpoint(tiny_config, monkeypatch):
