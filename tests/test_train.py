@@ -804,6 +804,26 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny
   pd.testing.assert_frame_equal(read_metrics(tiny_config.workdir), before)
 
 
+@pytest.mark.parametrize("in_sweep", [False, True])
+def test_a_validation_loss_that_is_not_finite_stops_the_run_with_advice_it_can_follow(tiny_config, monkeypatch,
+                                                                                        in_sweep):
+  """(With finite training losses: e.g. a validation window the training never saw.) A sweep's point
+  cannot be re-run with --fresh or another learning rate, so its message stops at the diagnosis."""
+  real_evaluate = run_lib._Run.evaluate
+
+  def evaluate(self, split, params=None):
+    result = real_evaluate(self, split, params)
+    return {**result, "loss": float("nan")} if split == "validation" else result
+
+  monkeypatch.setattr(run_lib._Run, "evaluate", evaluate)
+  with pytest.raises(run_lib.TrainingError) as e:
+    run_lib.train_and_evaluate(tiny_config, in_sweep=in_sweep)
+  advice = "" if in_sweep else " Lower --config.training.learning_rate and re-run with --fresh."
+  assert str(e.value) == "the validation loss is nan after epoch 1: training diverged." + advice
+  with checkpoint_lib.Checkpoints(tiny_config.workdir, writer=False) as checkpoints:
+    assert not checkpoints.exists("best")  # nothing validated is saved as the best
+
+
 def test_a_divergence_logged_once_the_next_call_is_queued_is_caught_before_that_calls_save(tiny_config):
   """A log line's metrics are fetched after the next call is dispatched: a loss that diverged by the
   log line at step 25 still stops the run before the save due after step 26."""
