@@ -276,14 +276,12 @@ def test_a_run_that_ends_well_stops_its_departures_watch_before_python_tears_dow
   child = tmp_path / "child.py"
   child.write_text("import sys, threading\n"
                    "from jaxlm import sharding\n"
-                   "sharding.initialize_processes(sys.argv[1], 2, int(sys.argv[2]), False)\n"
+                   "flags = dict(arg.lstrip('-').split('=') for arg in sys.argv[1:])  # start_two_processes's\n"
+                   "sharding.initialize_processes(flags['coordinator_address'], int(flags['num_processes']),\n"
+                   "                              int(flags['process_id']), False)\n"
                    "sharding.end_if_left(SystemExit(0))\n"
                    "print(sorted(t.name for t in threading.enumerate() if t.name.startswith('jaxlm')))\n")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = [subprocess.Popen([sys.executable, str(child), f"localhost:{port}", str(i)], env=devices_env(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = start_two_processes([sys.executable, str(child)], devices_env(1))
   outs = finish(procs)
   assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert [out.splitlines()[-1] for out, _ in outs] == ["[]", "[]"]
